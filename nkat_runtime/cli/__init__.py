@@ -1,0 +1,1 @@
+"""Command-line tools: thin ``main()`` functions over the library."""

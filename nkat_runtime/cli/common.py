@@ -1,0 +1,83 @@
+"""What every NKAT command shares: model/device flags, logging, and turning errors into
+one clear line with exit status 2 (no traceback for a user's mistake)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import NKATError
+
+EXIT_USAGE = 2
+
+
+def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = None) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None,
+                   help="a .gguf/.nkat file, or a bundled alias (gemma3-270m, qwen2.5-coder-0.5b, "
+                        "smollm2-135m); default: the bundled Gemma 3 270M Q4_K_M")
+    g.add_argument("--ctx", "--contextsize", dest="ctx", type=int, default=ctx_default,
+                   help="context size in tokens (default: 4096, capped at the model's trained context)")
+    g.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")
+    g.add_argument("--no-cuda", action="store_true", help="run on the CPU even when CUDA is available")
+    g.add_argument("--threads", "-t", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--config", default=None,
+                   help="TOML settings file ([model] model/ctx/device/threads); default ./config.toml if present")
+    g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """Fill flags the user did not give from the [model] table of the config file."""
+    import tomllib
+
+    path = Path(args.config) if getattr(args, "config", None) else Path("config.toml")
+    if not path.is_file():
+        if getattr(args, "config", None):
+            raise ValueError(f"config file not found: {path}")
+        return
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("model", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    for key in ("model", "ctx", "device", "threads"):
+        value = table.get(key)
+        if getattr(args, key, None) is None and value not in (None, "", 0):
+            setattr(args, key, value)
+
+
+def setup(args: argparse.Namespace) -> None:
+    apply_config(args)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        import torch
+
+        if threads <= 0:
+            raise ValueError("--threads must be positive")
+        torch.set_num_threads(threads)
+
+
+def load_from_args(args: argparse.Namespace, max_batch: int = 1, progress: bool = True):
+    from ..bundled import resolve_model
+    from ..loader import load_model, pick_device
+
+    path = resolve_model(args.model)
+    device = pick_device(args.device, no_cuda=args.no_cuda)
+    return load_model(path, device=device, context=args.ctx, max_batch=max_batch, progress=progress)
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main``; a user-facing error prints one line and returns 2."""
+    prog = main.__module__.rsplit(".", 1)[-1]
+    try:
+        return main(argv)
+    except (NKATError, ValueError, OSError) as exc:
+        print(f"nkat-{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"nkat-{prog}: interrupted", file=sys.stderr)
+        return 130

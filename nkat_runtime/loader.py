@@ -1,0 +1,158 @@
+"""Load a GGUF (or .nkat) file into a ready model + tokenizer.
+
+The file is memory-mapped; each tensor is dequantised from the map straight into its
+final tensor (reference path: float32), so the file is never copied whole into RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import quant
+from .errors import ModelFormatError, UnsupportedError
+from .gguf_io import GGUFFile, open_gguf
+from .linear import DenseLinear
+from .model import DecoderModel, ModelConfig, config_for
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096
+
+# Gemma GGUF files often carry no chat template; this is Gemma's turn format (the system
+# message is prepended to the first user turn, as Google's template does).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+BUILTIN_CHAT_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
+
+
+class GGUFWeights:
+    """``WeightSource`` over a GGUF file: dequantises each tensor on request."""
+
+    def __init__(self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype, progress: tqdm | None = None):
+        self.gguf, self.device, self.dtype, self.progress = gguf, device, dtype, progress
+
+    def has(self, name: str) -> bool:
+        return self.gguf.has_tensor(name + ".weight")
+
+    def _load(self, full_name: str, dtype: torch.dtype) -> torch.Tensor:
+        ref = self.gguf.tensor(full_name)
+        t = quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape)
+        if self.progress is not None:
+            self.progress.update(1)
+        return t.to(device=self.device, dtype=dtype)
+
+    def vector(self, name: str) -> torch.Tensor:
+        return self._load(name + ".weight", torch.float32)
+
+    def embedding(self, name: str) -> torch.Tensor:
+        return self._load(name + ".weight", self.dtype)
+
+    def linear(self, name: str, bias: bool = False) -> nn.Module:
+        weight = self._load(name + ".weight", self.dtype)
+        b = self._load(name + ".bias", torch.float32) if bias else None
+        if weight.dim() != 2:
+            raise ModelFormatError(f"{self.gguf.path}: tensor {name}.weight is not a matrix: {tuple(weight.shape)}")
+        return DenseLinear(weight, b)
+
+    def tied_linear(self, table: torch.Tensor) -> nn.Module:
+        return DenseLinear(table)
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    gguf: GGUFFile
+    config: ModelConfig
+    model: DecoderModel
+    tokenizer: Tokenizer
+    context: int
+    device: torch.device
+    load_seconds: float
+
+    @property
+    def name(self) -> str:
+        return str(self.gguf.get("general.name") or self.path.stem)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The file's ``tokenizer.chat_template``, else a built-in one for its architecture."""
+        return self.tokenizer.chat_template or BUILTIN_CHAT_TEMPLATES.get(self.config.arch)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the model's chat template (sandboxed Jinja)."""
+        from .chat_template import render_chat
+
+        tok = self.tokenizer
+        bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=bos, eos_token=eos)
+
+
+def pick_device(device: str | None = None, no_cuda: bool = False) -> torch.device:
+    """``cuda`` when available (and not refused), else ``cpu``; an explicit device wins."""
+    if device:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelFormatError("device 'cuda' was asked for but torch sees no CUDA device")
+        return dev
+    if not no_cuda and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    context: int | None = None,
+    max_batch: int = 1,
+    progress: bool = True,
+) -> LoadedModel:
+    """Open, validate and build the model; allocate the KV cache for ``context`` tokens."""
+    t0 = time.perf_counter()
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    gguf = open_gguf(path)
+    arch = gguf.architecture
+    embd = gguf.tensors.get("token_embd.weight")
+    cfg = config_for(arch, gguf.metadata, embd.shape[0] if embd is not None else 0)
+    unsupported = sorted({(t.type_name, n) for n, t in gguf.tensors.items() if t.qtype not in quant.SUPPORTED_TYPES})
+    if unsupported:
+        kind, name = unsupported[0]
+        raise UnsupportedError(f"{gguf.path.name}: tensor type {kind} (e.g. tensor {name}) is not supported; "
+                               f"supported: {', '.join(quant.type_name(t) for t in sorted(quant.SUPPORTED_TYPES))}")
+    gguf.tensor("token_embd.weight")  # a clear error when it is missing
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    n_ctx = min(context or DEFAULT_CONTEXT, cfg.context_length) if not context else context
+    if n_ctx <= 0:
+        raise ValueError("context size must be positive")
+    bar = tqdm(total=len(gguf.tensors), desc="loading tensors", unit="t", disable=not progress, leave=False)
+    try:
+        model = DecoderModel(cfg, GGUFWeights(gguf, dev, dtype, bar))
+    finally:
+        bar.close()
+    model.eval()
+    model.setup_caches(max_batch, n_ctx)
+    elapsed = time.perf_counter() - t0
+    log.info("loaded %s (%s, %d layers) on %s in %.2f s, context %d", Path(path).name, arch, cfg.n_layer, dev, elapsed, n_ctx)
+    return LoadedModel(Path(path), gguf, cfg, model, tokenizer, n_ctx, dev, elapsed)

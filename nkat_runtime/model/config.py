@@ -1,0 +1,100 @@
+"""Hyper-parameters of a decoder-only transformer, read from GGUF metadata.
+
+One dataclass for every architecture: the generic keys are read here, and each model
+file sets its architecture's quirks (rope style, norms, activation, biases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ModelFormatError
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    vocab_size: int
+    rms_eps: float
+    context_length: int
+    rope_base: float
+    rope_dim: int
+    rope_neox: bool = False  # False: adjacent pairs (llama.cpp "normal"), True: halves (NEOX)
+    rope_scale: float = 1.0  # linear rope scaling factor (positions are divided by it)
+    # sliding-window attention (gemma3): window, pattern (every n-th layer is global), local base
+    sliding_window: int = 0
+    swa_layers: list[bool] = field(default_factory=list)
+    rope_base_swa: float = 10_000.0
+    attn_scale: float = 0.0  # 0 → 1/sqrt(head_dim)
+    act: str = "silu"  # "silu" | "gelu_tanh"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    post_norms: bool = False
+    embed_scale: float = 1.0
+    tied_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.swa_layers:
+            self.swa_layers = [False] * self.n_layer
+        if self.attn_scale == 0.0:
+            self.attn_scale = self.head_dim**-0.5
+
+
+def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = meta.get(key, default)
+    if value is None:
+        raise ModelFormatError(f"metadata key {key!r} is missing")
+    if isinstance(value, list):  # per-layer arrays (e.g. head_count_kv): all equal supported
+        if not value or len(set(value)) != 1:
+            raise ModelFormatError(f"metadata key {key!r}: per-layer values {value[:8]}... are not supported")
+        value = value[0]
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ModelFormatError(f"metadata key {key!r} is not an integer: {value!r}") from None
+    if out < 0:
+        raise ModelFormatError(f"metadata key {key!r} is negative: {out}")
+    return out
+
+
+def base_config(meta: dict[str, Any], arch: str, vocab_size: int) -> ModelConfig:
+    """The keys every llama-like architecture shares (``<arch>.block_count`` etc.)."""
+    p = f"{arch}."
+    n_embd = _int(meta, p + "embedding_length")
+    n_head = _int(meta, p + "attention.head_count")
+    if n_head == 0 or n_embd == 0:
+        raise ModelFormatError("embedding_length and attention.head_count must be positive")
+    head_dim = _int(meta, p + "attention.key_length", n_embd // n_head)
+    n_head_kv = _int(meta, p + "attention.head_count_kv", n_head)
+    if n_head_kv == 0 or n_head % n_head_kv:
+        raise ModelFormatError(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    scale = 1.0
+    scaling_type = meta.get(p + "rope.scaling.type")
+    if scaling_type in ("linear",):
+        scale = float(meta.get(p + "rope.scaling.factor", 1.0) or 1.0)
+    elif scaling_type not in (None, "none"):
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"rope scaling type {scaling_type!r} is not supported")
+    return ModelConfig(
+        arch=arch,
+        n_layer=_int(meta, p + "block_count"),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_ff=_int(meta, p + "feed_forward_length"),
+        vocab_size=vocab_size,
+        rms_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        context_length=_int(meta, p + "context_length", 4096),
+        rope_base=float(meta.get(p + "rope.freq_base", 10_000.0)),
+        rope_dim=_int(meta, p + "rope.dimension_count", head_dim),
+        rope_scale=scale,
+    )

@@ -1,0 +1,128 @@
+"""A decoder-only transformer whose quirks come from ``ModelConfig``.
+
+The model sees token ids and positions, never sampling settings or HTTP. Prefill passes
+the whole prompt at once; decode passes one token per sequence. The static KV cache is
+allocated by ``setup_caches``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Attention, FeedForward, KVCache, RMSNorm, Rotary, attention_mask
+
+
+class WeightSource(Protocol):
+    """Where the model gets its tensors (by GGUF name, without ``.weight``)."""
+
+    def has(self, name: str) -> bool: ...
+
+    def vector(self, name: str) -> torch.Tensor: ...
+
+    def embedding(self, name: str) -> torch.Tensor: ...
+
+    def linear(self, name: str, bias: bool = False) -> nn.Module: ...
+
+    def tied_linear(self, table: torch.Tensor) -> nn.Module: ...
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int, w: WeightSource) -> None:
+        super().__init__()
+        p = f"blk.{i}."
+        norm = lambda n: RMSNorm(w.vector(p + n), cfg.rms_eps)  # noqa: E731
+        self.is_swa = cfg.swa_layers[i]
+        self.attn_norm = norm("attn_norm")
+        self.attn = Attention(
+            w.linear(p + "attn_q", bias=cfg.qkv_bias),
+            w.linear(p + "attn_k", bias=cfg.qkv_bias),
+            w.linear(p + "attn_v", bias=cfg.qkv_bias),
+            w.linear(p + "attn_output"),
+            cfg.n_head,
+            cfg.n_head_kv,
+            cfg.head_dim,
+            cfg.attn_scale,
+            rotary=None,  # type: ignore[arg-type]  # set by setup_caches
+            q_norm=norm("attn_q_norm") if cfg.qk_norm else None,
+            k_norm=norm("attn_k_norm") if cfg.qk_norm else None,
+        )
+        self.post_attention_norm = norm("post_attention_norm") if cfg.post_norms else None
+        self.ffn_norm = norm("ffn_norm")
+        self.ffn = FeedForward(w.linear(p + "ffn_gate"), w.linear(p + "ffn_up"), w.linear(p + "ffn_down"), cfg.act)
+        self.post_ffw_norm = norm("post_ffw_norm") if cfg.post_norms else None
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        assert self.cache is not None, "call setup_caches() first"
+        h = self.attn(self.attn_norm(x), pos, self.cache, mask, kv_len)
+        if self.post_attention_norm is not None:
+            h = self.post_attention_norm(h)
+        x = x + h
+        h = self.ffn(self.ffn_norm(x))
+        if self.post_ffw_norm is not None:
+            h = self.post_ffw_norm(h)
+        return x + h
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, w: WeightSource) -> None:
+        super().__init__()
+        self.config = cfg
+        table = w.embedding("token_embd")
+        self.register_buffer("token_embd", table, persistent=False)
+        self.layers = nn.ModuleList(Block(cfg, i, w) for i in range(cfg.n_layer))
+        self.output_norm = RMSNorm(w.vector("output_norm"), cfg.rms_eps)
+        if w.has("output") and not cfg.tied_output:
+            self.output = w.linear("output")
+        else:
+            self.output = w.tied_linear(table)
+        self.max_seq = 0
+        self.max_batch = 0
+
+    def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype = torch.float32) -> None:
+        """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens."""
+        cfg = self.config
+        device = self.token_embd.device
+        rope_global = Rotary(cfg.rope_dim, cfg.rope_base, max_seq, cfg.rope_scale, cfg.rope_neox).to(device)
+        rope_local = Rotary(cfg.rope_dim, cfg.rope_base_swa, max_seq, 1.0, cfg.rope_neox).to(device)
+        for layer in self.layers:
+            layer.attn.rotary = rope_local if layer.is_swa else rope_global
+            layer.cache = KVCache(max_batch, cfg.n_head_kv, max_seq, cfg.head_dim, dtype, device)
+        self.max_seq, self.max_batch = max_seq, max_batch
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor,
+        kv_len: int | None = None,
+        last_only: bool = False,
+        logits_from: int = 0,
+    ) -> torch.Tensor:
+        """tokens [B, T] at positions ``input_pos`` [T] → float32 logits [B, T', V].
+
+        ``last_only`` keeps the last position only; ``logits_from`` skips the first positions
+        (the LM head is the largest matmul: perplexity needs only the second half).
+        """
+        if kv_len is None:
+            kv_len = int(input_pos[-1]) + 1
+        if kv_len > self.max_seq:
+            raise ValueError(f"position {kv_len - 1} is beyond the cache ({self.max_seq} tokens)")
+        cfg = self.config
+        x = F.embedding(tokens, self.token_embd)
+        if cfg.embed_scale != 1.0:
+            x = x * cfg.embed_scale
+        mask_global = attention_mask(input_pos, kv_len)
+        mask_local = attention_mask(input_pos, kv_len, cfg.sliding_window) if any(cfg.swa_layers) else None
+        for layer in self.layers:
+            x = layer(x, input_pos, mask_local if layer.is_swa else mask_global, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        elif logits_from:
+            x = x[:, logits_from:]
+        return self.output(self.output_norm(x)).float()
