@@ -16,7 +16,7 @@ import logging
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class GGUFFile:
     tensors: dict[str, TensorRef]
     data_offset: int
     alignment: int
+    value_types: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # key -> (type, array elem type)
 
     @property
     def architecture(self) -> str:
@@ -187,12 +188,18 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         raise cur.fail(f"implausible counts: {n_tensors} tensors, {n_kv} metadata entries")
 
     metadata: dict[str, Any] = {}
+    value_types: dict[str, tuple[int, int | None]] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key #{i}")
         vtype = cur.scalar("I", f"type of {key!r}")
         if key in metadata:
             raise cur.fail(f"duplicate metadata key {key!r}")
+        elem = None
+        if vtype == _ARRAY:
+            cur.need(4, f"metadata {key!r}")
+            (elem,) = struct.unpack_from("<I", cur.buf, cur.pos)
         metadata[key] = cur.value(vtype, f"metadata {key!r}")
+        value_types[key] = (vtype, elem)
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
@@ -235,4 +242,4 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         if s1 < e0:
             raise ModelFormatError(f"{path}: tensors {n0!r} and {n1!r} overlap")
     log.debug("opened %s: GGUF v%d, %d metadata keys, %d tensors", path, version, len(metadata), len(tensors))
-    return GGUFFile(path, version, metadata, tensors, data_offset, alignment)
+    return GGUFFile(path, version, metadata, tensors, data_offset, alignment, value_types)

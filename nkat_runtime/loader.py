@@ -21,6 +21,7 @@ from .errors import ModelFormatError, UnsupportedError
 from .gguf_io import GGUFFile, open_gguf
 from .linear import DenseLinear
 from .model import DecoderModel, ModelConfig, config_for
+from .theta import ThetaFactors, ThetaLinear, theta_tensor_names
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,22 @@ BUILTIN_CHAT_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
 
 
 class GGUFWeights:
-    """``WeightSource`` over a GGUF file: dequantises each tensor on request."""
+    """``WeightSource`` over a GGUF file: dequantises each tensor on request.
 
-    def __init__(self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype, progress: tqdm | None = None):
+    A weight that carries θ factors (a .nkat file) becomes a ``ThetaLinear`` unless
+    ``theta_gamma`` is None (θ off: the plain source model).
+    """
+
+    def __init__(
+        self,
+        gguf: GGUFFile,
+        device: torch.device,
+        dtype: torch.dtype,
+        progress: tqdm | None = None,
+        theta_gamma: float | None = None,
+    ):
         self.gguf, self.device, self.dtype, self.progress = gguf, device, dtype, progress
+        self.theta_gamma = theta_gamma
 
     def has(self, name: str) -> bool:
         return self.gguf.has_tensor(name + ".weight")
@@ -71,7 +84,28 @@ class GGUFWeights:
         b = self._load(name + ".bias", torch.float32) if bias else None
         if weight.dim() != 2:
             raise ModelFormatError(f"{self.gguf.path}: tensor {name}.weight is not a matrix: {tuple(weight.shape)}")
-        return DenseLinear(weight, b)
+        layer: nn.Module = DenseLinear(weight, b)
+        factors = self.theta(name + ".weight")
+        if factors is not None and self.theta_gamma is not None:
+            factors.validate(weight.shape[0], weight.shape[1], name + ".weight")
+            layer = ThetaLinear(layer, factors, self.theta_gamma, self.dtype)
+        return layer
+
+    def theta(self, target: str) -> ThetaFactors | None:
+        """The θ factors stored for ``target``, or None."""
+        names = theta_tensor_names(target)
+        present = [self.gguf.has_tensor(n) for n in names]
+        if not any(present):
+            return None
+        if not all(present):
+            raise ModelFormatError(f"{self.gguf.path}: θ of {target} is incomplete (needs {', '.join(names)})")
+        u, su, v, sv = (self.gguf.tensor(n) for n in names)
+        for ref in (u, v):
+            if ref.type_name != "I8":
+                raise ModelFormatError(f"{self.gguf.path}: {ref.name} must be I8, not {ref.type_name}")
+        as_int8 = lambda ref: ref.raw_tensor().view(torch.int8).reshape(ref.shape)  # noqa: E731
+        as_f32 = lambda ref: quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape).reshape(-1)  # noqa: E731
+        return ThetaFactors(as_int8(u), as_f32(su), as_int8(v), as_f32(sv))
 
     def tied_linear(self, table: torch.Tensor) -> nn.Module:
         return DenseLinear(table)
@@ -128,8 +162,14 @@ def load_model(
     context: int | None = None,
     max_batch: int = 1,
     progress: bool = True,
+    theta: bool = True,
+    theta_gamma: float | None = None,
 ) -> LoadedModel:
-    """Open, validate and build the model; allocate the KV cache for ``context`` tokens."""
+    """Open, validate and build the model; allocate the KV cache for ``context`` tokens.
+
+    For a .nkat file, θ is applied with the file's γ (``nkat.theta.gamma``) unless
+    ``theta_gamma`` overrides it; ``theta=False`` loads the plain source model.
+    """
     t0 = time.perf_counter()
     dev = device if isinstance(device, torch.device) else pick_device(device)
     gguf = open_gguf(path)
@@ -148,7 +188,10 @@ def load_model(
         raise ValueError("context size must be positive")
     bar = tqdm(total=len(gguf.tensors), desc="loading tensors", unit="t", disable=not progress, leave=False)
     try:
-        model = DecoderModel(cfg, GGUFWeights(gguf, dev, dtype, bar))
+        gamma = None
+        if theta and gguf.get("nkat.version") is not None:
+            gamma = float(theta_gamma if theta_gamma is not None else gguf.get("nkat.theta.gamma", 1.0))
+        model = DecoderModel(cfg, GGUFWeights(gguf, dev, dtype, bar, theta_gamma=gamma))
     finally:
         bar.close()
     model.eval()

@@ -136,10 +136,8 @@ class Tokenizer:
             backend = _build_bpe(meta, tokens, types)
             self.space_prefix = False  # SPM only: "▁" before the text, dropped again on decode
         else:
-            raise TokenizerError(
-                f"unsupported tokenizer.ggml.model {model!r}: NKAT supports 'llama' (SentencePiece BPE) "
-                "and 'gpt2' (byte-level BPE)"
-            )
+            raise TokenizerError(f"unsupported tokenizer.ggml.model {model!r}: NKAT supports 'llama' "
+                                 "(SentencePiece BPE) and 'gpt2' (byte-level BPE)")
         self._bytes, self._encode_fragments = backend.token_bytes, backend.encode_fragments
 
         def ident(key: str) -> int | None:
@@ -151,13 +149,15 @@ class Tokenizer:
         self._add_eos = bool(_get(meta, "tokenizer.ggml.add_eos_token", False)) and self._eos_id is not None
         self._chat_template: str | None = meta.get("tokenizer.chat_template") or None
         ids = (self._bos_id, self._eos_id, ident("unknown_token_id"), ident("padding_token_id"))
-        self._special = frozenset(i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)) | {
-            i for i in ids if i is not None
-        }
+        self._special = frozenset({i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)} | {i for i in ids if i is not None})
         stops = {i for i in (self._eos_id, ident("eot_token_id"), ident("eom_token_id")) if i is not None}
         self._stop_ids = frozenset(stops | {i for i, t in enumerate(tokens) if t in _EOG_TEXTS and types[i] == CONTROL})
-        # user-defined tokens are always cut out of the text; control tokens only when parsing specials
-        self._user_ids = {t: i for i, t in enumerate(tokens) if types[i] == USER_DEFINED and t}
+        # user-defined tokens are always cut out of the text, control tokens only when parsing specials;
+        # not SPM's runs of spaces, which merges form (transformers: 40 spaces -> 16+24, llama.cpp: 31+9)
+        self._user_ids = {
+            t: i for i, t in enumerate(tokens)
+            if types[i] == USER_DEFINED and t and not (model == "llama" and " " in t and not t.strip())
+        }
         control = {t: i for i, t in enumerate(tokens) if types[i] in (CONTROL, UNKNOWN) and t}
         self._all_special_ids = {**control, **self._user_ids}
         self._user_re = _literal_regex(self._user_ids)

@@ -38,6 +38,7 @@ SAMPLES = [
     "accents: café déjà vu naïve Ångström Łódź Ελληνικά",
     "line1\nline2\n\n\ttabbed\r\nlast line\n\n\n",
     "numbers 1945, 3.14159 and 1,000,000 ½ ²",
+    "forty spaces:" + " " * 40 + "end, code:\n        return  x",
 ]
 
 

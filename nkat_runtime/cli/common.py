@@ -61,23 +61,41 @@ def setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
 
 
-def load_from_args(args: argparse.Namespace, max_batch: int = 1, progress: bool = True):
+def load_from_args(args: argparse.Namespace, **kwargs):
+    """Resolve --model (path or alias), pick the device, load; kwargs go to ``load_model``."""
     from ..bundled import resolve_model
     from ..loader import load_model, pick_device
 
     path = resolve_model(args.model)
     device = pick_device(args.device, no_cuda=args.no_cuda)
-    return load_model(path, device=device, context=args.ctx, max_batch=max_batch, progress=progress)
+    return load_model(path, device=device, context=args.ctx, **kwargs)
 
 
-def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+def write_json(path: str | Path, obj: object) -> None:
+    """Write JSON to a temp file beside ``path``, then rename it into place."""
+    import json
+    import os
+    import tempfile
+
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.resolve().parent, prefix=target.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run ``main``; a user-facing error prints one line and returns 2."""
-    prog = main.__module__.rsplit(".", 1)[-1]
+    prog = prog or "nkat-" + main.__module__.rsplit(".", 1)[-1]
     try:
         return main(argv)
     except (NKATError, ValueError, OSError) as exc:
-        print(f"nkat-{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"nkat-{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130

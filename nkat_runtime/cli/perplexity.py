@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -48,11 +46,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     out = {"model": str(lm.path), "file": str(text_path), "device": str(lm.device), **res.as_dict()}
     print(json.dumps(out))
     if args.json_file:
-        target = Path(args.json_file)
-        fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=target.name + ".")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(out, fh, indent=2)
-        os.replace(tmp, target)
+        common.write_json(args.json_file, out)
     return 0
 
 

@@ -84,6 +84,16 @@ class DecoderModel(nn.Module):
         self.max_seq = 0
         self.max_batch = 0
 
+    def linear_modules(self) -> dict[str, nn.Module]:
+        """The block linears by GGUF weight name (``blk.0.attn_q.weight`` → module)."""
+        out: dict[str, nn.Module] = {}
+        for i, layer in enumerate(self.layers):
+            for mod in (layer.attn, layer.ffn):
+                for attr in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+                    if hasattr(mod, attr):
+                        out[f"blk.{i}.{attr}.weight"] = getattr(mod, attr)
+        return out
+
     def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype = torch.float32) -> None:
         """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens."""
         cfg = self.config

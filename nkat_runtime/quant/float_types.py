@@ -33,3 +33,10 @@ class BF16(QuantHandler, qtype=GGMLQuantizationType.BF16):
         # torch widens bfloat16 by placing its 16 bits on top of 16 zero bits (scalar and
         # vector paths alike): the same bits as gguf-py's ``int16 << 16``.
         out.copy_(blocks.contiguous().view(torch.bfloat16))
+
+
+class I8(QuantHandler, qtype=GGMLQuantizationType.I8):
+    """1 byte: a signed integer (used by .nkat θ factors)."""
+
+    def dequantize_into(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(blocks.contiguous().view(torch.int8))

@@ -1,0 +1,306 @@
+"""GGUF → .nkat: add θ factors to chosen weights, copying the source byte for byte.
+
+The output is a GGUF v3 file with every key/value pair and tensor of the source, the
+``nkat.*`` keys and, per target weight T, ``T.theta_u`` / ``T.theta_u_scale`` /
+``T.theta_v`` / ``T.theta_v_scale`` (see the .nkat spec). It is written to a temporary
+file beside the output and renamed into place, never over the input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import quant
+from .errors import ModelFormatError, NKATError
+from .gguf_io import GGUFFile, open_gguf
+from .names import select
+from .theta import ThetaFactors, theta_tensor_names
+from .theta_svd import (
+    DEFAULT_TARGET_SIZE,
+    activation_scale,
+    moyal_factors,
+    residual_factors,
+    residual_matrix,
+    truncated_svd,
+)
+
+log = logging.getLogger(__name__)
+
+NKAT_VERSION = 1
+DATA_DIR = Path(__file__).with_name("data")
+BUILTIN_CALIBRATION = DATA_DIR / "calibration.txt"
+BUILTIN_EVAL = DATA_DIR / "eval.txt"
+BLOCK_WEIGHT = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+OPTIMIZE_RANKS = (1, 2, 4, 6, 8, 12, 16, 24, 32)
+
+
+class ConvertError(NKATError):
+    """A conversion that cannot go on (bad paths, mismatched reference, ...)."""
+
+
+@dataclass
+class ConvertOptions:
+    input: Path
+    output: Path
+    rank: int = 4
+    gamma: float = 0.97
+    mode: str | None = None  # None: residual when a reference is given, else moyal
+    reference: Path | None = None
+    calibration: Path | None = None  # None: the built-in text (residual mode)
+    use_calibration: bool = True
+    selective_layers: list[str] | None = None
+    target_size: int = DEFAULT_TARGET_SIZE
+    optimize_rank: bool = False
+    energy_target: float = 0.5  # --optimize-rank: share of the target's energy θ must capture
+    max_rank: int = 32
+    calibration_chunks: int = 4
+    dry_run: bool = False
+    progress: bool = True
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("residual" if self.reference else "moyal")
+
+
+@dataclass
+class TargetResult:
+    name: str
+    shape: tuple[int, ...]
+    rank: int  # stored k (2r for an antisymmetrised square weight)
+    energy_share: float  # of W (moyal) or of the (scaled) residual (residual)
+    bytes_added: int
+
+
+@dataclass
+class ConvertResult:
+    output: Path | None
+    mode: str
+    activation_aware: bool
+    targets: list[TargetResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def bytes_added(self) -> int:
+        return sum(t.bytes_added for t in self.targets)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def matrix_weights(src: GGUFFile) -> list[str]:
+    return [n for n, t in src.tensors.items() if n.endswith(".weight") and len(t.shape) == 2 and ".theta_" not in n]
+
+
+def plan_targets(src: GGUFFile, selective: Iterable[str] | None) -> list[str]:
+    """Default: every block weight; else the user's names/globs (2-D weights only)."""
+    if not selective:
+        targets = [n for n in src.tensors if BLOCK_WEIGHT.match(n)]
+    else:
+        targets = select(selective, list(src.tensors))
+        flat = [n for n in targets if len(src.tensors[n].shape) != 2 or not n.endswith(".weight")]
+        if flat:
+            raise ConvertError(f"{flat[0]} is not a 2-D weight matrix; θ applies to matrices only")
+    if not targets:
+        raise ConvertError("no target weights selected")
+    return targets
+
+
+def check_paths(opts: ConvertOptions) -> None:
+    if not opts.input.is_file():
+        raise ConvertError(f"input not found: {opts.input}")
+    if opts.output.exists() and opts.output.is_dir():
+        raise ConvertError(f"output is a directory: {opts.output}")
+    same = opts.output.resolve() == opts.input.resolve() or (
+        opts.output.exists() and os.path.samefile(opts.output, opts.input))
+    if same:
+        raise ConvertError("the output path is the input file; choose another name (e.g. model.nkat)")
+    if opts.reference is not None and not opts.reference.is_file():
+        raise ConvertError(f"reference not found: {opts.reference}")
+    if not opts.output.resolve().parent.is_dir():
+        raise ConvertError(f"output folder does not exist: {opts.output.parent}")
+    if opts.rank < 1 or opts.max_rank < 1:
+        raise ConvertError("--theta-rank must be >= 1")
+    if opts.resolved_mode not in ("moyal", "residual"):
+        raise ConvertError(f"unknown mode {opts.mode!r} (moyal or residual)")
+    if opts.resolved_mode == "residual" and opts.reference is None:
+        raise ConvertError("residual mode needs --reference (a finer GGUF of the same model)")
+    if opts.target_size < 8:
+        raise ConvertError("--target-size must be >= 8")
+
+
+def check_reference(src: GGUFFile, ref: GGUFFile) -> None:
+    """Same weights, same shapes: else stop at the first mismatch."""
+    for name in matrix_weights(src):
+        if name not in ref.tensors:
+            raise ConvertError(f"reference has no tensor {name}")
+        if ref.tensors[name].shape != src.tensors[name].shape:
+            raise ConvertError(f"shape mismatch for {name}: source {src.tensors[name].shape}, "
+                               f"reference {ref.tensors[name].shape}")
+
+
+def calibration_mean_abs(path: Path, targets: list[str], text: str, chunks: int, ctx: int = 512) -> dict[str, torch.Tensor]:
+    """Mean |x| per input channel of each target's input, over ``chunks`` chunks of ``text``."""
+    from .loader import load_model
+
+    lm = load_model(path, device="cpu", context=ctx, progress=False, theta=False)
+    modules = lm.model.linear_modules()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name in targets:
+        if name not in modules:
+            continue
+
+        def hook(_mod, inputs, _out, name=name):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.abs().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        hooks.append(modules[name].register_forward_hook(hook))
+    ids = lm.tokenizer.encode(text, add_special=True)
+    n = max(1, min(chunks, len(ids) // ctx))
+    try:
+        for i in range(n):
+            chunk = ids[i * ctx : (i + 1) * ctx]
+            lm.model(torch.tensor([chunk]), torch.arange(len(chunk)), last_only=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def _dequant(g: GGUFFile, name: str) -> torch.Tensor:
+    t = g.tensor(name)
+    return quant.dequantize(t.raw_tensor(), t.qtype, t.shape)
+
+
+def compute_theta(opts: ConvertOptions, src: GGUFFile, targets: list[str], ref: GGUFFile | None,
+                  scales: dict[str, torch.Tensor] | None) -> dict[str, tuple[ThetaFactors, float]]:
+    out: dict[str, tuple[ThetaFactors, float]] = {}
+    mode = opts.resolved_mode
+    for name in tqdm(targets, desc="θ by SVD", unit="tensor", disable=not opts.progress):
+        w = _dequant(src, name)
+        scale = activation_scale(scales[name]) if scales and name in scales else None
+        m = w if mode == "moyal" else residual_matrix(w, _dequant(ref, name), scale)  # type: ignore[arg-type]
+        max_r = opts.max_rank if opts.optimize_rank else opts.rank
+        svd = truncated_svd(m, max_r, opts.target_size)
+        rank = opts.rank
+        if opts.optimize_rank:
+            fits = [r for r in OPTIMIZE_RANKS if r <= max_r and svd.energy_share(r) >= opts.energy_target]
+            rank = fits[0] if fits else max_r
+        if mode == "moyal":
+            left, right = moyal_factors(w, svd, rank)
+        else:
+            left, right = residual_factors(svd, rank, scale)
+        out[name] = (ThetaFactors.from_dense(left, right), svd.energy_share(rank))
+    return out
+
+
+def write_nkat(opts: ConvertOptions, src: GGUFFile, thetas: dict[str, tuple[ThetaFactors, float]],
+               extra_kv: dict[str, tuple[object, object, object]]) -> None:
+    """Copy the source and add θ; temp file + rename."""
+    import gguf
+
+    arch = src.architecture
+    fd, tmp = tempfile.mkstemp(dir=opts.output.resolve().parent, prefix=opts.output.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.data_alignment = src.alignment
+        for key, value in src.metadata.items():
+            if key == "general.architecture" or key.startswith("nkat."):
+                continue
+            vtype, elem = src.value_types[key]
+            w.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                            sub_type=gguf.GGUFValueType(elem) if elem is not None else None)
+        for key, (value, vtype, elem) in extra_kv.items():
+            w.add_key_value(key, value, vtype, sub_type=elem)  # type: ignore[arg-type]
+        for name, t in src.tensors.items():
+            if ".theta_" in name:
+                continue  # a .nkat given as input: its old θ is replaced
+            rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
+            raw = t.raw.reshape(*t.shape[:-1], t.nbytes // rows)
+            w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(t.qtype))
+        for name, (f, _) in thetas.items():
+            u, su, v, sv = theta_tensor_names(name)
+            w.add_tensor(u, f.u.numpy())
+            w.add_tensor(su, f.u_scale.float().numpy())
+            w.add_tensor(v, f.v.numpy())
+            w.add_tensor(sv, f.v_scale.float().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=opts.progress)
+        w.close()
+        os.replace(tmp, opts.output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def convert(opts: ConvertOptions) -> ConvertResult:
+    import gguf
+
+    t0 = time.perf_counter()
+    check_paths(opts)
+    src = open_gguf(opts.input)
+    targets = plan_targets(src, opts.selective_layers)
+    mode = opts.resolved_mode
+    ref = open_gguf(opts.reference) if opts.reference else None
+    if ref is not None:
+        if ref.architecture != src.architecture:
+            raise ConvertError(f"reference architecture {ref.architecture} differs from {src.architecture}")
+        check_reference(src, ref)
+    scales = None
+    aware = mode == "residual" and opts.use_calibration
+    if aware:
+        cal_path = opts.calibration or BUILTIN_CALIBRATION
+        if not Path(cal_path).is_file():
+            raise ConvertError(f"calibration text not found: {cal_path}")
+        text = Path(cal_path).read_text(encoding="utf-8")
+        scales = calibration_mean_abs(opts.input, targets, text, opts.calibration_chunks)
+    result = ConvertResult(output=None, mode=mode, activation_aware=aware)
+    thetas = compute_theta(opts, src, targets, ref, scales)
+    for name, (f, share) in thetas.items():
+        nbytes = f.u.numel() + f.v.numel() + 4 * (f.u_scale.numel() + f.v_scale.numel())
+        result.targets.append(TargetResult(name, src.tensors[name].shape, f.rank, share, nbytes))
+    if not opts.dry_run:
+        V = gguf.GGUFValueType
+        extra = {
+            "nkat.version": (NKAT_VERSION, V.UINT32, None),
+            "nkat.source.sha256": (sha256_file(opts.input), V.STRING, None),
+            "nkat.theta.mode": (mode, V.STRING, None),
+            "nkat.theta.rank": (opts.rank if not opts.optimize_rank else max(t.rank for t in result.targets), V.UINT32, None),
+            "nkat.theta.gamma": (float(opts.gamma), V.FLOAT32, None),
+            "nkat.theta.targets": (list(thetas), V.ARRAY, V.STRING),
+        }
+        if ref is not None:
+            extra["nkat.reference.sha256"] = (sha256_file(opts.reference), V.STRING, None)  # type: ignore[arg-type]
+        write_nkat(opts, src, thetas, extra)
+        result.output = opts.output
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def check_model_file(path: Path) -> GGUFFile:
+    """Open a written .nkat again and make sure it parses (raises ModelFormatError)."""
+    g = open_gguf(path)
+    if g.get("nkat.version") is None:
+        raise ModelFormatError(f"{path}: no nkat.version key")
+    return g
