@@ -74,6 +74,11 @@ def _float_bytes(qtype: T, rng: np.random.Generator) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
+def test_i8() -> None:
+    raw = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8)
+    assert dequantize(raw, int(T.I8), (5,)).tolist() == [0.0, 1.0, 127.0, -128.0, -1.0]
+
+
 def test_float_types_match_gguf(qtype: T) -> None:
     data = _float_bytes(qtype, np.random.default_rng(int(qtype)))
     shape = (ROWS, data.shape[1] // (4 if qtype == T.F32 else 2))
@@ -119,7 +124,7 @@ def test_unpack_q4_k_shapes_and_formula() -> None:
 
 def test_supported_types_and_metadata() -> None:
     want = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-            T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+            T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.I8}  # I8: .nkat θ factors
     assert SUPPORTED_TYPES == frozenset(int(t) for t in want)
     assert type_name(int(T.Q4_K)) == "Q4_K" and type_name(9999) == "type 9999"
     assert block_info(int(T.Q6_K)) == (256, 210) and block_info(int(T.F16)) == (1, 2)
