@@ -156,9 +156,8 @@ def render_chat(
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ChatTemplateError("messages must be a list of dicts with 'role' and 'content'")
     context = {"tools": None, "documents": None, **extra}
-    context = _plain(
-        dict(context, messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
-    )
+    context = _plain(dict(context, messages=messages, add_generation_prompt=add_generation_prompt,
+                          bos_token=bos_token, eos_token=eos_token))
     try:
         return _compile(template).render(**context)
     except TemplateSyntaxError as exc:

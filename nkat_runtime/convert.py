@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from . import quant
 from .errors import ModelFormatError, NKATError
 from .gguf_io import GGUFFile, open_gguf
+from .gguf_write import write_derived_gguf
 from .names import select
 from .theta import ThetaFactors, theta_tensor_names
 from .theta_svd import (
@@ -213,45 +213,16 @@ def compute_theta(opts: ConvertOptions, src: GGUFFile, targets: list[str], ref: 
     return out
 
 
-def write_nkat(opts: ConvertOptions, src: GGUFFile, thetas: dict[str, tuple[ThetaFactors, float]],
-               extra_kv: dict[str, tuple[object, object, object]]) -> None:
-    """Copy the source and add θ; temp file + rename."""
-    import gguf
-
-    arch = src.architecture
-    fd, tmp = tempfile.mkstemp(dir=opts.output.resolve().parent, prefix=opts.output.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
-        w.data_alignment = src.alignment
-        for key, value in src.metadata.items():
-            if key == "general.architecture" or key.startswith("nkat."):
-                continue
-            vtype, elem = src.value_types[key]
-            w.add_key_value(key, value, gguf.GGUFValueType(vtype),
-                            sub_type=gguf.GGUFValueType(elem) if elem is not None else None)
-        for key, (value, vtype, elem) in extra_kv.items():
-            w.add_key_value(key, value, vtype, sub_type=elem)  # type: ignore[arg-type]
-        for name, t in src.tensors.items():
-            if ".theta_" in name:
-                continue  # a .nkat given as input: its old θ is replaced
-            rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
-            raw = t.raw.reshape(*t.shape[:-1], t.nbytes // rows)
-            w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(t.qtype))
-        for name, (f, _) in thetas.items():
-            u, su, v, sv = theta_tensor_names(name)
-            w.add_tensor(u, f.u.numpy())
-            w.add_tensor(su, f.u_scale.float().numpy())
-            w.add_tensor(v, f.v.numpy())
-            w.add_tensor(sv, f.v_scale.float().numpy())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=opts.progress)
-        w.close()
-        os.replace(tmp, opts.output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def theta_tensors(thetas: dict[str, tuple[ThetaFactors, float]]) -> dict[str, tuple[np.ndarray, None]]:
+    """The four GGUF tensors per target (int8 factors, float32 scales)."""
+    out: dict[str, tuple[np.ndarray, None]] = {}
+    for name, (f, _) in thetas.items():
+        u, su, v, sv = theta_tensor_names(name)
+        out[u] = (f.u.numpy(), None)
+        out[su] = (f.u_scale.float().numpy(), None)
+        out[v] = (f.v.numpy(), None)
+        out[sv] = (f.v_scale.float().numpy(), None)
+    return out
 
 
 def convert(opts: ConvertOptions) -> ConvertResult:
@@ -292,7 +263,9 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         }
         if ref is not None:
             extra["nkat.reference.sha256"] = (sha256_file(opts.reference), V.STRING, None)  # type: ignore[arg-type]
-        write_nkat(opts, src, thetas, extra)
+        # a .nkat given as input: its old θ and nkat keys are replaced
+        write_derived_gguf(src, opts.output, extra_kv=extra, add=theta_tensors(thetas),
+                           drop=lambda n: ".theta_" in n or n.startswith("nkat."), progress=opts.progress)
         result.output = opts.output
     result.seconds = time.perf_counter() - t0
     return result

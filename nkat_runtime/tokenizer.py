@@ -145,11 +145,13 @@ class Tokenizer:
             return int(value) if value is not None and 0 <= int(value) < n else None
 
         self._bos_id, self._eos_id = ident("bos_token_id"), ident("eos_token_id")
-        self._add_bos = bool(_get(meta, "tokenizer.ggml.add_bos_token", backend.default_bos)) and self._bos_id is not None
+        add_bos = bool(_get(meta, "tokenizer.ggml.add_bos_token", backend.default_bos))
+        self._add_bos = add_bos and self._bos_id is not None
         self._add_eos = bool(_get(meta, "tokenizer.ggml.add_eos_token", False)) and self._eos_id is not None
         self._chat_template: str | None = meta.get("tokenizer.chat_template") or None
         ids = (self._bos_id, self._eos_id, ident("unknown_token_id"), ident("padding_token_id"))
-        self._special = frozenset({i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)} | {i for i in ids if i is not None})
+        control_ids = {i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)}
+        self._special = frozenset(control_ids | {i for i in ids if i is not None})
         stops = {i for i in (self._eos_id, ident("eot_token_id"), ident("eom_token_id")) if i is not None}
         self._stop_ids = frozenset(stops | {i for i, t in enumerate(tokens) if t in _EOG_TEXTS and types[i] == CONTROL})
         # user-defined tokens are always cut out of the text, control tokens only when parsing specials;
@@ -370,7 +372,7 @@ def _build_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> _Ba
 
     merges_raw = meta.get("tokenizer.ggml.merges")
     if not merges_raw:
-        raise TokenizerError("byte-level BPE (tokenizer.ggml.model = gpt2) needs tokenizer.ggml.merges, which is missing")
+        raise TokenizerError("byte-level BPE (tokenizer.ggml.model = gpt2) needs tokenizer.ggml.merges: missing")
     pre = str(meta.get("tokenizer.ggml.pre") or "default")
     if pre in PRE_TOKENIZERS:
         regexes, ignore_merges, default_bos = PRE_TOKENIZERS[pre]

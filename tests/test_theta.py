@@ -15,6 +15,7 @@ from nkat_runtime import quant
 from nkat_runtime.convert import ConvertOptions, convert
 from nkat_runtime.gguf_io import open_gguf
 from nkat_runtime.loader import load_model
+from nkat_runtime.requantize import requantize
 from nkat_runtime.names import LayerNameError, select, to_gguf
 from nkat_runtime.theta import ThetaLinear, set_theta_gamma, theta_layers
 from nkat_runtime.theta_svd import moyal_factors, residual_factors, residual_matrix, truncated_svd
@@ -113,21 +114,7 @@ def test_gamma_zero_and_no_theta_equal_source(tiny_model, tmp_path):
 def test_residual_mode_moves_toward_reference(tiny_model, tmp_path):
     """θ = SVD(2·(W_ref − W_q)): at γ = 1 the corrected weight is closer to the reference."""
     fine = tiny_model("llama", seed=0)
-    # make a coarser source: requantise every block weight of `fine` to Q4_0
-    src = open_gguf(fine)
-    w = gguf.GGUFWriter(str(tmp_path / "coarse.gguf"), "llama")
-    for key, value in src.metadata.items():
-        if key != "general.architecture":
-            vt, et = src.value_types[key]
-            w.add_key_value(key, value, gguf.GGUFValueType(vt), sub_type=gguf.GGUFValueType(et) if et is not None else None)
-    for name, t in src.tensors.items():
-        dense = quant.dequantize(t.raw_tensor(), t.qtype, t.shape).numpy()
-        if name.startswith("blk.") and len(t.shape) == 2:
-            w.add_tensor(name, gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q4_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-        else:
-            w.add_tensor(name, dense)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    requantize(fine, tmp_path / "coarse.gguf", "Q4_0", progress=False)
     out = tmp_path / "r.nkat"
     res = _convert(tmp_path / "coarse.gguf", out, rank=8, gamma=1.0, reference=fine, use_calibration=False)
     assert res.mode == "residual"

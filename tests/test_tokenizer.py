@@ -208,7 +208,8 @@ def test_chat_template_matches_transformers(pair: Pair) -> None:
 def _spm_meta(**extra: Any) -> dict[str, Any]:
     tokens = ["<unk>", "<s>", "</s>", "<eot>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [2, 3, 3, 3] + [6] * 256
-    words = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "▁hello", "▁w", "or", "▁wor", "ld", "▁world"]
+    words = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "▁hello",
+             "▁w", "or", "▁wor", "ld", "▁world"]
     tokens += words + ["<tag>"]
     types += [1] * len(words) + [4]
     scores = [0.0] * 260 + [-float(i) for i in range(len(words))] + [0.0]
