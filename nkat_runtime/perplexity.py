@@ -68,12 +68,22 @@ def perplexity(
     on_chunk: Callable[[int, float], None] | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``text`` by the llama.cpp method; ``on_chunk(i, running_ppl)`` after each chunk."""
+    return perplexity_of_tokens(lm, lm.tokenizer.encode(text, add_special=True), n_ctx, n_chunks, on_chunk)
+
+
+def perplexity_of_tokens(
+    lm: LoadedModel,
+    ids: Sequence[int],
+    n_ctx: int = 512,
+    n_chunks: int | None = None,
+    on_chunk: Callable[[int, float], None] | None = None,
+) -> PerplexityResult:
+    """The same on an already tokenised text (``ids`` as ``encode(text, add_special=True)``)."""
     if n_ctx < 4 or n_ctx % 2:
         raise ValueError("n_ctx must be an even number >= 4")
     if n_ctx > lm.context:
         raise ValueError(f"n_ctx {n_ctx} is larger than the model's allocated context {lm.context}")
     tok = lm.tokenizer
-    ids = tok.encode(text, add_special=True)
     available = len(ids) // n_ctx
     if available == 0:
         raise ValueError(f"the text has {len(ids)} tokens; at least {n_ctx} are needed for one chunk")
@@ -84,7 +94,7 @@ def perplexity(
     running: list[float] = []
     t0 = time.perf_counter()
     for i in range(chunks):
-        chunk = ids[i * n_ctx : (i + 1) * n_ctx]
+        chunk = list(ids[i * n_ctx : (i + 1) * n_ctx])
         if add_bos:
             chunk = [tok.bos_id] + chunk[1:]
         nll = chunk_nll(lm, chunk)

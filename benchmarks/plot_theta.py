@@ -1,0 +1,63 @@
+"""Plot docs/theta-results.json (written by theta_experiment.py) to docs/theta-results.png."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", default=str(REPO / "docs" / "theta-results.json"))
+    p.add_argument("--out", default=str(REPO / "docs" / "theta-results.png"))
+    args = p.parse_args()
+    rows = {r["key"]: r for r in json.loads(Path(args.results).read_text())}
+    base = rows["moyal/gamma0"]["ppl"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+
+    for rank in (2, 4, 6, 8):
+        pts = sorted((r["gamma"], r["ppl"]) for r in rows.values() if r["mode"] == "moyal" and r["rank"] == rank)
+        if pts:
+            ax1.plot([g for g, _ in pts], [v for _, v in pts], marker="o", label=f"moyal rank {rank}")
+    ax1.axhline(base, color="k", ls="--", label=f"no θ (γ = 0): {base:.2f}")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("γ")
+    ax1.set_ylabel("perplexity (log scale)")
+    chunks = rows["moyal/gamma0"]["chunks"]
+    ax1.set_title(f"Guide's θ ('moyal') on Gemma 3 270M Q4_K_M\nwiki_vital_en.txt, ctx 512, {chunks} chunks")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+
+    coarse, ref = rows.get("residual/coarse"), rows.get("residual/reference")
+    if coarse and ref:
+        gap = coarse["ppl"] - ref["ppl"]
+        for kind, color in (("plain", "tab:blue"), ("aware", "tab:red")):
+            pts = sorted((r["rank"], r["ppl"]) for k, r in rows.items() if k.startswith(f"residual/{kind}/"))
+            if pts:
+                ranks = [r for r, _ in pts]
+                closed = [100 * (coarse["ppl"] - v) / gap for _, v in pts]
+                ax2.plot(ranks, closed, marker="o", color=color,
+                         label="activation-aware" if kind == "aware" else "plain SVD")
+        ax2.axhline(60, color="gray", ls=":", label="target 60 % at rank 8")
+        ax2.set_xscale("log", base=2)
+        ax2.set_xlabel("θ rank (γ = 1)")
+        ax2.set_ylabel("share of the Q4_0 → Q4_K_M perplexity gap closed (%)")
+        ax2.set_title(f"Residual θ: Q4_0 copy ({coarse['ppl']:.2f}) vs Q4_K_M reference ({ref['ppl']:.2f})")
+        ax2.legend(fontsize=8)
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

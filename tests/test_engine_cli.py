@@ -1,0 +1,71 @@
+"""nkat-inference-engine and the converter on real files: keys, measured values, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from nkat_runtime.convert import ConvertOptions, convert
+from nkat_runtime.gguf_io import open_gguf
+
+GUIDE_BENCH_KEYS = {"tokens_per_second", "avg_latency_ms", "device", "theta_enabled", "overhead_percentage",
+                    "prefill_tokens_per_second", "peak_memory_mb", "load_seconds"}
+GUIDE_COMPARE_KEYS = {"nkat_tokens_per_second", "baseline_tokens_per_second", "overhead_percentage",
+                      "estimated_perplexity_improvement", "perplexity_baseline", "perplexity_nkat",
+                      "perplexity_change_percentage", "tpe_baseline", "tpe_nkat"}
+
+
+def _engine(*args):
+    res = subprocess.run([sys.executable, "-m", "nkat_runtime.cli.engine", *args],
+                         capture_output=True, text=True, timeout=600)
+    return res
+
+
+def test_benchmark_and_compare_keys(tiny_model, tmp_path):
+    out = tmp_path / "t.nkat"
+    convert(ConvertOptions(input=tiny_model("llama"), output=out, rank=4, progress=False))
+    res = _engine("--model", str(out), "--benchmark", "--seq-len", "32", "--iterations", "6",
+                  "--json", str(tmp_path / "b.json"))
+    assert res.returncode == 0, res.stderr
+    bench = json.loads(res.stdout.strip().splitlines()[-1])
+    assert GUIDE_BENCH_KEYS <= bench.keys() and bench["theta_enabled"] is True
+    assert bench["tokens_per_second"] > 0 and bench["prefill_tokens_per_second"] > 0 and bench["peak_memory_mb"] > 0
+    assert json.loads((tmp_path / "b.json").read_text()) == bench
+    res = _engine("--model", str(out), "--compare", "--seq-len", "32", "--iterations", "6", "--eval-chunks", "1")
+    assert res.returncode == 0, res.stderr
+    cmp = json.loads(res.stdout.strip().splitlines()[-1])
+    assert GUIDE_COMPARE_KEYS <= cmp.keys()
+    assert cmp["perplexity_baseline"] > 1 and cmp["perplexity_nkat"] > 1
+    want = (cmp["perplexity_nkat"] / cmp["perplexity_baseline"] - 1) * 100
+    assert cmp["estimated_perplexity_improvement"] == pytest.approx(want, abs=1e-2)  # measured, not estimated
+    assert "makes perplexity" in res.stderr
+
+
+def test_compare_needs_theta(tiny_model):
+    res = _engine("--model", str(tiny_model("llama")), "--compare", "--seq-len", "8", "--iterations", "2")
+    assert res.returncode == 2 and "carries no θ" in res.stderr
+
+
+@pytest.mark.slow
+def test_converter_on_gemma_selective(model_path, tmp_path):
+    """Gemma 3 270M, θ on two weights given in Meta and glob form: source bytes unchanged."""
+    src = model_path("gemma3-270m")
+    out = tmp_path / "g.nkat"
+    res = subprocess.run([sys.executable, "-m", "nkat_runtime.cli.convert", "--input", str(src), "--output", str(out),
+                          "--selective-layers", "layers.0.feed_forward.w1.weight", "blk.17.attn_*.weight",
+                          "--check-chunks", "1"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    assert "check on the built-in text" in res.stdout
+    g = open_gguf(out)
+    assert set(g.metadata["nkat.theta.targets"]) == {
+        "blk.0.ffn_gate.weight", "blk.17.attn_k.weight", "blk.17.attn_output.weight", "blk.17.attn_q.weight",
+        "blk.17.attn_v.weight"}
+    s = open_gguf(src)
+    for name, t in s.tensors.items():
+        assert np.array_equal(g.tensors[name].raw, t.raw), name
+    assert len(gguf.GGUFReader(out).tensors) == len(s.tensors) + 4 * 5
