@@ -71,7 +71,8 @@ def measure(results: Results, key: str, lm, ids, chunks: int, **info) -> dict:
     return row
 
 
-def part_a(results: Results, model: Path, ids, chunks: int, ranks, gammas, small_gammas) -> None:
+def part_a(results: Results, model: Path, ids, chunks: int, ranks, gammas, small_gammas, grid_chunks: int) -> None:
+    """The guide's default (rank 4, γ 0.97) at ``chunks``; the rest of the grid at ``grid_chunks``."""
     lm = load_model(model, device="cpu", context=512, progress=False)
     measure(results, "moyal/gamma0", lm, ids, chunks, mode="moyal", rank=0, gamma=0.0)
     targets = {n: m for n, m in lm.model.linear_modules().items() if BLOCK_WEIGHT.match(n)}
@@ -81,15 +82,18 @@ def part_a(results: Results, model: Path, ids, chunks: int, ranks, gammas, small
     for rank in ranks:
         thetas[rank] = {n: ThetaFactors.from_dense(*moyal_factors(original[n], svds[n], rank)).matrix()
                         for n in targets}
-    configs = [(r, g) for r in ranks for g in gammas] + [(4, g) for g in small_gammas]
-    for rank, gamma in configs:
-        key = f"moyal/r{rank}/g{gamma}"
+    configs = [(4, 0.97, chunks)] + [(r, g, grid_chunks) for r in ranks for g in gammas] + [
+        (4, g, grid_chunks) for g in small_gammas]
+    if grid_chunks != chunks:
+        configs.insert(1, (0, 0.0, grid_chunks))  # the γ = 0 baseline at the grid's length too
+    for rank, gamma, n_chunks in configs:
+        key = f"moyal/r{rank}/g{gamma}/c{n_chunks}"
         if results.has(key):
             continue
         with torch.no_grad():
             for n, m in targets.items():
-                m.weight.copy_(original[n] + 0.5 * gamma * thetas[rank][n])
-        measure(results, key, lm, ids, chunks, mode="moyal", rank=rank, gamma=gamma)
+                m.weight.copy_(original[n] + 0.5 * gamma * thetas[rank][n] if rank else original[n])
+        measure(results, key, lm, ids, n_chunks, mode="moyal", rank=rank, gamma=gamma)
     with torch.no_grad():
         for n, m in targets.items():
             m.weight.copy_(original[n])
@@ -99,6 +103,9 @@ def part_b(results: Results, model: Path, work: Path, ids, chunks: int, plain_ra
     coarse = work / "coarse-q4_0.gguf"
     if not coarse.exists():
         requantize(model, coarse, "Q4_0")
+    plain = results.has("moyal/gamma0")  # the same model and text: no need to measure it twice
+    if plain and not results.has("residual/reference"):
+        results.add({**plain, "key": "residual/reference", "mode": "residual"})
     for key, path in (("residual/reference", model), ("residual/coarse", coarse)):
         if not results.has(key):
             lm = load_model(path, device="cpu", context=512, progress=False)
@@ -126,6 +133,7 @@ def main() -> int:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--text", default=str(REPO.parent / "shared" / "data" / "wiki_vital_en.txt"))
     p.add_argument("--chunks", type=int, default=40)
+    p.add_argument("--grid-chunks", type=int, default=4, help="chunks for the moyal grid beyond the guide's default")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "docs" / "theta-results.json"))
     p.add_argument("--work", default=str(bundled.cache_dir() / "theta-experiment"))
@@ -141,11 +149,11 @@ def main() -> int:
     lm = load_model(model, device="cpu", context=512, progress=False)
     ids = lm.tokenizer.encode(text, add_special=True)[: args.chunks * 512]
     del lm
+    if args.part in ("b", "all"):
+        part_b(results, model, work, ids, args.chunks, plain_ranks=(8,), aware_ranks=(8, 32))
     if args.part in ("a", "all"):
         part_a(results, model, ids, args.chunks, ranks=(2, 4, 6, 8), gammas=(0.90, 0.95, 0.97, 0.99),
-               small_gammas=(0.1, 0.5))
-    if args.part in ("b", "all"):
-        part_b(results, model, work, ids, args.chunks, plain_ranks=(8, 32), aware_ranks=(4, 8, 16, 32))
+               small_gammas=(0.1, 0.5), grid_chunks=args.grid_chunks)
     return 0
 
 

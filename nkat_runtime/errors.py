@@ -29,3 +29,30 @@ class ChatTemplateError(NKATError):
 
 class ModelNotFoundError(NKATError):
     """A model path or alias that does not exist."""
+
+
+class InvalidRequestError(NKATError, ValueError):
+    """A generation/tokenization request that cannot be served as given (bad field, empty prompt...).
+
+    ``param`` names the offending field when there is one.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt does not fit the context (and the request asked not to cut it)."""
+
+    def __init__(self, message: str, n_prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(message, "prompt")
+        self.n_prompt_tokens, self.n_ctx = n_prompt_tokens, n_ctx
+
+
+class RequestNotSupportedError(InvalidRequestError):
+    """A request asks for a feature this server does not implement (grammar, images, tools...)."""
+
+
+class ServerBusyError(NKATError):
+    """The generation queue is full; the client should retry later."""

@@ -1,15 +1,29 @@
 """Sampling: pure functions over a logits vector, and the settings that drive them.
 
-Order (llama.cpp's default chain): repetition penalty → top-k → top-p → min-p →
-temperature → draw. ``temperature <= 0`` is greedy (argmax after the penalties).
+The chain (KoboldCpp's, which contains llama.cpp's default one):
+
+    logit bias / bans → DRY → [mirostat: penalties → temperature → mirostat]
+    or: top-5000 prefilter → ``sampler_order`` (default: penalties → top-k → top-a → TFS →
+    typical → top-p + min-p → temperature) → XTC → draw.
+
+With the new samplers at their defaults (off), this is exactly the old chain: repetition
+penalty → top-k → top-p → min-p → temperature. ``temperature <= 0`` is greedy: the argmax of
+what the chain leaves. The extra samplers live in :mod:`.samplers_extra`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from . import samplers_extra as sx
+
+# KoboldCpp's sampler ids, as clients send them in ``sampler_order``
+TOP_K, TOP_A, TOP_P, TFS, TYPICAL, TEMPERATURE, REP_PEN = range(7)
+DEFAULT_ORDER: tuple[int, ...] = (REP_PEN, TOP_K, TOP_A, TFS, TYPICAL, TOP_P, TEMPERATURE)
+PREFILTER = 5000  # candidates kept before the order list runs (KoboldCpp does the same)
 
 
 @dataclass
@@ -21,6 +35,35 @@ class SamplingParams:
     repeat_penalty: float = 1.0  # 1.0 = off
     repeat_last_n: int = 64  # how many recent tokens the penalty looks at (-1 = all)
     seed: int | None = None
+    # --- the Kobold.cpp set (all off by default) ---
+    top_a: float = 0.0  # 0 = off
+    typical: float = 1.0  # 1 = off
+    tfs: float = 1.0  # 1 = off
+    repeat_slope: float = 1.0  # older half of the window gets 1 + (penalty - 1) * slope
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    sampler_order: tuple[int, ...] = DEFAULT_ORDER
+    dynatemp_range: float = 0.0  # > 0: entropy-scaled temperature in [t - r, t + r]
+    dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0  # quadratic sampling, 0 = off
+    smoothing_curve: float = 1.0
+    mirostat: int = 0  # 1 or 2 replaces the order list
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dry_multiplier: float = 0.0  # 0 = off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 320  # <= 0: the whole history
+    dry_breakers: frozenset[int] = frozenset()  # token ids that end a DRY match
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0  # 0 = off
+    top_n_sigma: float = 0.0  # 0 = off (applied right before the temperature)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # id -> bias; <= -100 bans
+    banned_ids: frozenset[int] = frozenset()
+
+    @property
+    def greedy_mode(self) -> bool:
+        return self.temperature <= 0.0 and self.dynatemp_range <= 0.0
 
     def validate(self) -> None:
         if self.temperature < 0:
@@ -33,6 +76,24 @@ class SamplingParams:
             raise ValueError("min_p must be in [0, 1]")
         if self.repeat_penalty <= 0:
             raise ValueError("repeat_penalty must be > 0")
+        if not 0.0 <= self.top_a <= 1.0:
+            raise ValueError("top_a must be in [0, 1]")
+        if not 0.0 < self.typical <= 1.0:
+            raise ValueError("typical must be in (0, 1]")
+        if not 0.0 < self.tfs <= 1.0:
+            raise ValueError("tfs must be in (0, 1]")
+        if self.mirostat not in (0, 1, 2):
+            raise ValueError("mirostat must be 0, 1 or 2")
+        if self.mirostat and (self.mirostat_tau <= 0 or self.mirostat_eta <= 0):
+            raise ValueError("mirostat_tau and mirostat_eta must be > 0")
+        if not self.sampler_order or any(s not in range(7) for s in self.sampler_order):
+            raise ValueError("sampler_order must list sampler ids 0..6")
+        if self.dynatemp_range < 0 or self.smoothing_factor < 0 or self.dry_multiplier < 0:
+            raise ValueError("dynatemp_range, smoothing_factor and dry_multiplier must be >= 0")
+        if self.dry_multiplier > 0 and (self.dry_base < 1.0 or self.dry_allowed_length < 1):
+            raise ValueError("dry_base must be >= 1 and dry_allowed_length >= 1")
+        if not 0.0 <= self.xtc_probability <= 1.0:
+            raise ValueError("xtc_probability must be in [0, 1]")
 
     @classmethod
     def greedy(cls) -> "SamplingParams":
@@ -82,18 +143,82 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
 
 
+@dataclass
+class SamplerState:
+    """What a sampler carries from one token to the next within one generation (mirostat's mu)."""
+
+    mu: float | None = None
+
+
+def _order_step(vals: torch.Tensor, ids: torch.Tensor, step: int, p: SamplingParams, history: Sequence[int],
+                penalties_done: bool) -> torch.Tensor:
+    if step == TOP_K:
+        return top_k_filter(vals, p.top_k)
+    if step == TOP_A:
+        return sx.top_a_filter(vals, p.top_a)
+    if step == TOP_P:
+        return min_p_filter(top_p_filter(vals, p.top_p), p.min_p)
+    if step == TFS:
+        return sx.tfs_filter(vals, p.tfs)
+    if step == TYPICAL:
+        return sx.typical_filter(vals, p.typical)
+    if step == TEMPERATURE:
+        vals = sx.top_n_sigma_filter(vals, p.top_n_sigma)
+        if p.dynatemp_range > 0:
+            return sx.dynamic_temperature(vals, p.temperature - p.dynatemp_range, p.temperature + p.dynatemp_range,
+                                          p.dynatemp_exponent, p.smoothing_factor, p.smoothing_curve)
+        if p.temperature > 0:
+            return sx.apply_temperature(vals, p.temperature, p.smoothing_factor, p.smoothing_curve)
+        return vals
+    if step == REP_PEN and not penalties_done:
+        return _penalties(vals, p, history, ids)
+    return vals
+
+
+def _penalties(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], ids: torch.Tensor | None) -> torch.Tensor:
+    return sx.apply_penalties(logits, history, p.repeat_penalty, p.repeat_last_n, p.repeat_slope,
+                              p.presence_penalty, p.frequency_penalty, ids)
+
+
 def sample(
-    logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = (), generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    history: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    state: SamplerState | None = None,
 ) -> int:
-    """Pick the next token from one row of logits [V]."""
-    logits = apply_repeat_penalty(logits.float(), history, params.repeat_penalty, params.repeat_last_n)
-    if params.temperature <= 0.0:
+    """Pick the next token from one row of logits [V] (see the module docstring for the chain)."""
+    p = params
+    logits = logits.detach().float().cpu()  # one row; the generator and the id bookkeeping live on the CPU
+    x = logits
+    x = sx.ban_tokens(sx.apply_logit_bias(x, p.logit_bias), p.banned_ids)
+    x = sx.dry_penalty(x, history, p.dry_multiplier, p.dry_base, p.dry_allowed_length, p.dry_penalty_last_n,
+                       p.dry_breakers)
+    order = p.sampler_order or DEFAULT_ORDER
+    penalties_first = p.mirostat in (1, 2) or order[0] == REP_PEN
+    if penalties_first and (REP_PEN in order or p.mirostat):
+        x = _penalties(x, p, history, None)
+    if not bool(torch.isfinite(x).any()):  # everything banned: fall back to the raw argmax
         return int(torch.argmax(logits))
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    logits = min_p_filter(logits, params.min_p)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    vals, ids = torch.topk(x, min(PREFILTER, x.numel()))
+    if p.mirostat in (1, 2):
+        if p.temperature <= 0:
+            return int(ids[0])
+        vals = sx.apply_temperature(vals, p.temperature, p.smoothing_factor, p.smoothing_curve)
+        st = state if state is not None else SamplerState()
+        mu = 2.0 * p.mirostat_tau if st.mu is None else st.mu
+        if p.mirostat == 1:
+            j, st.mu = sx.mirostat_v1(vals, p.mirostat_tau, p.mirostat_eta, mu, x.numel(), generator)
+        else:
+            j, st.mu = sx.mirostat_v2(vals, p.mirostat_tau, p.mirostat_eta, mu, generator)
+        return int(ids[j])
+    for step in order:
+        vals = _order_step(vals, ids, step, p, history, penalties_first)
+    vals = sx.xtc_filter(vals, p.xtc_threshold, p.xtc_probability, generator)
+    if p.greedy_mode:
+        return int(ids[int(torch.argmax(vals))])
+    probs = torch.softmax(vals, dim=-1)
+    return int(ids[int(torch.multinomial(probs, 1, generator=generator))])
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

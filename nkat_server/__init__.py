@@ -1,5 +1,6 @@
 """NKAT HTTP server (aiohttp): Kobold.cpp, OpenAI and llama.cpp routes over one engine.
 
-Not built yet: see the issue "HTTP server". The runtime (``nkat_runtime``) is usable on its
-own through ``nkat-generate`` and ``nkat-perplexity``.
+``cli`` (``nkat-server``) loads the model and runs ``app``; ``app`` holds the routing, auth,
+CORS and size limits; ``routes_*`` one dialect each; ``jobs`` runs a request on the engine;
+``sse`` writes event streams; ``errors`` turns typed errors into each dialect's error body.
 """

@@ -29,8 +29,21 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
-def apply_config(args: argparse.Namespace) -> None:
-    """Fill flags the user did not give from the [model] table of the config file."""
+MODEL_KEYS = {"model": "model", "ctx": "ctx", "device": "device", "threads": "threads"}
+ZERO_IS_DEFAULT = {"ctx", "threads"}  # "threads = 0" in a config file means "the default"
+
+
+def apply_config(
+    args: argparse.Namespace,
+    tables: dict[str, dict[str, str]] | None = None,
+    strict: Sequence[str] = (),
+) -> None:
+    """Fill flags the user did not give (still None) from the config file.
+
+    ``tables`` maps a TOML table to ``{key in the file: attribute of args}``; the first table
+    that sets a value wins (default: the [model] table alone). A table named in ``strict``
+    may only hold known keys: a typo there is an error, not a silently ignored setting.
+    """
     import tomllib
 
     path = Path(args.config) if getattr(args, "config", None) else Path("config.toml")
@@ -39,25 +52,40 @@ def apply_config(args: argparse.Namespace) -> None:
             raise ValueError(f"config file not found: {path}")
         return
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8")).get("model", {})
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: invalid TOML: {exc}") from None
-    for key in ("model", "ctx", "device", "threads"):
-        value = table.get(key)
-        if getattr(args, key, None) is None and value not in (None, "", 0):
-            setattr(args, key, value)
+    for name, keys in (tables or {"model": MODEL_KEYS}).items():
+        table = doc.get(name, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: [{name}] must be a table")
+        if name in strict:
+            unknown = sorted(set(table) - set(keys))
+            if unknown:
+                raise ValueError(f"{path}: unknown key(s) in [{name}]: {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(keys))})")
+        for key, attr in keys.items():
+            value = table.get(key)
+            unset = value is None or value == "" or (attr in ZERO_IS_DEFAULT and value == 0)
+            if getattr(args, attr, None) is None and not unset:
+                setattr(args, attr, value)
 
 
-def setup(args: argparse.Namespace) -> None:
-    apply_config(args)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+def setup(
+    args: argparse.Namespace,
+    tables: dict[str, dict[str, str]] | None = None,
+    strict: Sequence[str] = (),
+    level: int = logging.WARNING,
+) -> None:
+    apply_config(args, tables, strict)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else level,
                         format="%(levelname)s %(name)s: %(message)s")
     threads = getattr(args, "threads", None)
     if threads is not None:
         import torch
 
-        if threads <= 0:
-            raise ValueError("--threads must be positive")
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0:
+            raise ValueError("--threads must be a positive integer")
         torch.set_num_threads(threads)
 
 

@@ -19,7 +19,7 @@ CHECK_CHUNKS = 3
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nkat-gguf-converter", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", "-i", required=True, help="source .gguf")
+    p.add_argument("--input", "-i", required=True, help="source .gguf (or a bundled alias, e.g. gemma3-270m)")
     p.add_argument("--output", "-o", required=True, help="target .nkat (never the input)")
     p.add_argument("--theta-rank", type=int, default=4, help="θ rank r (default 4)")
     p.add_argument("--theta-gamma", type=float, default=0.97, help="default γ stored in the file (default 0.97)")
@@ -67,11 +67,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.config = None
     common.setup(args)
+    from ..bundled import ALIASES
     from ..convert import ConvertOptions, convert
 
+    alias = lambda name: ALIASES[name]() if name in ALIASES else Path(name)  # noqa: E731
     opts = ConvertOptions(
-        input=Path(args.input), output=Path(args.output), rank=args.theta_rank, gamma=args.theta_gamma,
-        mode=args.mode, reference=Path(args.reference) if args.reference else None,
+        input=alias(args.input), output=Path(args.output), rank=args.theta_rank, gamma=args.theta_gamma,
+        mode=args.mode, reference=alias(args.reference) if args.reference else None,
         calibration=Path(args.calibration) if args.calibration else None, use_calibration=not args.no_calibration,
         selective_layers=args.selective_layers, target_size=args.target_size, optimize_rank=args.optimize_rank,
         energy_target=args.energy, max_rank=args.max_rank, dry_run=args.dry_run,

@@ -1,0 +1,250 @@
+"""OpenAI dialect: ``/v1/completions`` and ``/v1/chat/completions`` JSON ⇄ request types.
+
+Every Kobold field is honoured here too (SillyTavern's KoboldCpp mode sends its whole sampler
+set to ``/v1/completions``); OpenAI names win where both exist (``max_tokens``, ``stop``, ``seed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from nkat_runtime.errors import InvalidRequestError, RequestNotSupportedError
+from nkat_runtime.request import Choice, GenerationOutcome, GenerationRequest, TokenLogprob
+
+from .fields import Fields
+from .samplers import LLAMACPP_DEFAULTS, read_common, read_length, read_n
+
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
+SYSTEM_FINGERPRINT = "fp_nkat"
+
+
+@dataclass
+class StreamOptions:
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _stream_options(f: Fields) -> StreamOptions:
+    opts = StreamOptions(stream=f.boolean("stream"))
+    so = f.raw("stream_options")
+    if so is not None:
+        if not isinstance(so[1], dict):
+            raise InvalidRequestError("'stream_options' must be an object", "stream_options")
+        opts.include_usage = Fields(so[1]).boolean("include_usage")
+    return opts
+
+
+def _common(f: Fields, req: GenerationRequest) -> None:
+    read_common(f, req, LLAMACPP_DEFAULTS)
+    req.max_tokens = read_length(f, "max_completion_tokens", "max_tokens", "max_length", "max_new_tokens",
+                                 "n_predict", "num_predict")
+    req.n = read_n(f)
+    if f.has("seed"):
+        seed = f.integer("seed")
+        req.seed = seed if seed is not None and seed >= 0 else None
+    else:
+        seed = f.integer("sampler_seed")
+        req.seed = seed if seed is not None and 0 < seed < 0xFFFFFFFF else None
+    if f.integer("best_of", default=1) not in (1, req.n):
+        req.warnings.append("best_of is not supported: ignored")
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(x, str) for x in value):
+            return list(value)
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            return [list(value)]
+        if all(isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+               for x in value):
+            return [list(x) for x in value]
+    raise InvalidRequestError("'prompt' must be a string, a list of strings, a list of token ids, "
+                              "or a list of token-id lists", "prompt")
+
+
+def parse_completion(body: Any) -> tuple[GenerationRequest, StreamOptions]:
+    f = Fields(body)
+    req = GenerationRequest(dialect="openai", overflow="error")
+    _common(f, req)
+    if not f.has("prompt"):
+        raise InvalidRequestError("'prompt' is required", "prompt")
+    req.prompts = _prompts(f.body["prompt"])
+    req.echo = f.boolean("echo")
+    lp = f.raw("logprobs")
+    if lp is not None:
+        if lp[1] is True:
+            req.logprobs = 1
+        elif lp[1] is not False:
+            n = f.integer("logprobs")
+            if n is None or n < 0:
+                raise InvalidRequestError("'logprobs' must be an integer >= 0", "logprobs")
+            req.logprobs = min(n, MAX_COMPLETION_LOGPROBS)
+    if f.string("suffix"):
+        req.warnings.append("suffix is not supported: ignored")
+    return req, _stream_options(f)
+
+
+def _message(m: Any, i: int) -> dict[str, Any]:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise InvalidRequestError(f"messages[{i}] must be an object with a 'role' string", "messages")
+    out = {k: v for k, v in m.items() if v is not None}
+    out["role"] = "system" if m["role"] == "developer" else m["role"]
+    content = m.get("content")
+    if content is None:
+        out["content"] = ""
+    elif isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind in ("image_url", "input_audio", "image", "file"):
+                raise RequestNotSupportedError(f"messages[{i}]: '{kind}' content is not supported "
+                                               "(text-only model)", "messages")
+            else:
+                raise InvalidRequestError(f"messages[{i}]: content parts must be text parts", "messages")
+        out["content"] = "\n".join(texts)
+    elif not isinstance(content, str):
+        raise InvalidRequestError(f"messages[{i}]: 'content' must be a string or a list of parts", "messages")
+    return out
+
+
+def parse_chat(body: Any) -> tuple[GenerationRequest, StreamOptions]:
+    f = Fields(body)
+    req = GenerationRequest(dialect="openai", overflow="error")
+    _common(f, req)
+    messages = f.body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("'messages' must be a non-empty list", "messages")
+    req.messages = [_message(m, i) for i, m in enumerate(messages)]
+    if f.boolean("logprobs"):
+        top = f.integer("top_logprobs", default=0)
+        if not 0 <= top <= MAX_CHAT_TOP_LOGPROBS:
+            raise InvalidRequestError(f"'top_logprobs' must be in 0..{MAX_CHAT_TOP_LOGPROBS}", "top_logprobs")
+        req.logprobs = top
+    rf = f.raw("response_format")
+    if rf is not None and isinstance(rf[1], dict) and rf[1].get("type") not in (None, "text"):
+        raise RequestNotSupportedError("response_format json_object / json_schema is not supported",
+                                       "response_format")
+    tools = f.raw("tools")
+    if tools is not None and tools[1] and f.body.get("tool_choice") != "none":
+        req.warnings.append("tools are not supported: the model answers in plain text")
+    return req, _stream_options(f)
+
+
+# --- responses --------------------------------------------------------------------------------
+def finish_reason(choice: Choice) -> str:
+    return "length" if choice.stop_kind == "length" else "stop"
+
+
+def usage(outcome: GenerationOutcome) -> dict[str, Any]:
+    cached = sum(c.cached_tokens for c in outcome.choices[:1])
+    return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def completion_logprobs(choice: Choice, echo: bool) -> dict[str, Any] | None:
+    if choice.logprobs is None:
+        return None
+    entries: list[TokenLogprob] = []
+    shift = 0
+    if echo:
+        entries.extend(choice.prompt_logprobs or [])
+        shift = len(choice.prompt_text)
+    entries.extend(dataclasses.replace(e, text_offset=e.text_offset + shift) for e in choice.logprobs)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [({t.token: t.logprob for t in e.top} if e.logprob is not None else None) for e in entries],
+        "text_offset": [e.text_offset for e in entries],
+    }
+
+
+def chat_logprobs(choice: Choice) -> dict[str, Any] | None:
+    if choice.logprobs is None:
+        return None
+
+    def one(e: TokenLogprob) -> dict[str, Any]:
+        return {"token": e.token, "logprob": e.logprob, "bytes": e.bytes}
+
+    return {"content": [dict(one(e), top_logprobs=[one(t) for t in e.top]) for e in choice.logprobs],
+            "refusal": None}
+
+
+def _extras(outcome: GenerationOutcome) -> dict[str, Any]:
+    return {"warnings": outcome.warnings} if outcome.warnings else {}
+
+
+def completion_response(outcome: GenerationOutcome, model: str, echo: bool) -> dict[str, Any]:
+    choices = [{"index": c.index, "text": (c.prompt_text if echo else "") + c.text,
+                "finish_reason": finish_reason(c), "logprobs": completion_logprobs(c, echo)}
+               for c in outcome.choices]
+    return {"id": "cmpl-" + outcome.id, "object": "text_completion", "created": outcome.created, "model": model,
+            "choices": choices, "usage": usage(outcome), "system_fingerprint": SYSTEM_FINGERPRINT,
+            **_extras(outcome)}
+
+
+def chat_response(outcome: GenerationOutcome, model: str) -> dict[str, Any]:
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "finish_reason": finish_reason(c), "logprobs": chat_logprobs(c)} for c in outcome.choices]
+    return {"id": "chatcmpl-" + outcome.id, "object": "chat.completion", "created": outcome.created,
+            "model": model, "choices": choices, "usage": usage(outcome), "system_fingerprint": SYSTEM_FINGERPRINT,
+            **_extras(outcome)}
+
+
+class ChunkMaker:
+    """Builds the stream chunks of one completion or chat completion (same id on every chunk)."""
+
+    def __init__(self, job_id: str, created: int, model: str, chat: bool, include_usage: bool) -> None:
+        self.id = ("chatcmpl-" if chat else "cmpl-") + job_id
+        self.created, self.model, self.chat, self.include_usage = created, model, chat, include_usage
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+               "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def start(self, index: int) -> dict[str, Any] | None:
+        """The opening chunk of a chat choice (role only); None for completions."""
+        if not self.chat:
+            return None
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                             "finish_reason": None, "logprobs": None}])
+
+    def text(self, index: int, text: str) -> dict[str, Any]:
+        if self.chat:
+            return self._chunk([{"index": index, "delta": {"content": text}, "finish_reason": None,
+                                 "logprobs": None}])
+        return self._chunk([{"index": index, "text": text, "finish_reason": None, "logprobs": None}])
+
+    def end(self, choice: Choice, echo: bool = False) -> dict[str, Any]:
+        """The last chunk of a choice: the finish reason (and its logprobs, when asked)."""
+        if self.chat:
+            return self._chunk([{"index": choice.index, "delta": {}, "finish_reason": finish_reason(choice),
+                                 "logprobs": chat_logprobs(choice)}])
+        return self._chunk([{"index": choice.index, "text": "", "finish_reason": finish_reason(choice),
+                             "logprobs": completion_logprobs(choice, echo)}])
+
+    def usage(self, outcome: GenerationOutcome) -> dict[str, Any]:
+        out = self._chunk([])
+        out["usage"] = usage(outcome)
+        return out
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def models_list(model_id: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                        "owned_by": "koboldcpp", "permission": [], "root": "koboldcpp"}]}

@@ -1,0 +1,323 @@
+"""The engine: owns the loaded model, a bounded queue of jobs, and the worker that runs them.
+
+Generation runs off the caller's event loop, in one worker thread; events reach the caller's
+asyncio loop through ``call_soon_threadsafe``. One job runs at a time; a job holds all its
+choices (``n`` x prompts). Jobs can be aborted by id (:meth:`JobHandle.cancel`, e.g. on a client
+disconnect) or by Kobold ``genkey`` (:meth:`Engine.abort`). The KV cache keeps the tokens of the
+last generation, so a prompt that shares a prefix with it (a chat that grew by one turn) only
+computes the new part.
+
+A batching scheduler would replace :meth:`Engine._worker_main` / :meth:`Engine._run`; the
+queue, the handles and the event type stay as they are.
+
+The engine never builds JSON: it speaks :mod:`nkat_runtime.request` types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from .errors import ServerBusyError
+from .generation import GenerationResult, generate_stream
+from .loader import LoadedModel
+from .prepare import Prepared, Preparer
+from .request import Choice, GenerationEvent, GenerationOutcome, GenerationRequest, TokenLogprob
+from .sampling import make_generator
+
+log = logging.getLogger(__name__)
+
+STOP_REASON_CODES = {"length": 0, "eos": 1, "stop_string": 2, "abort": -1}
+
+
+@dataclass
+class EngineStats:
+    """Counters behind Kobold's ``/api/extra/perf`` and llama.cpp's ``/props``."""
+
+    started: float = field(default_factory=time.time)
+    total_gens: int = 0
+    last_process_seconds: float = 0.0
+    last_eval_seconds: float = 0.0
+    last_input_count: int = 0
+    last_token_count: int = 0
+    last_seed: int = 0
+    last_stop_kind: str = ""
+    last_end: float = field(default_factory=time.time)
+    queued: int = 0
+    busy: bool = False
+
+    @property
+    def stop_reason_code(self) -> int:
+        return STOP_REASON_CODES.get(self.last_stop_kind, -1)
+
+
+class Job:
+    def __init__(self, prepared: Prepared, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = uuid.uuid4().hex
+        self.prepared = prepared
+        self.genkey = prepared.request.genkey
+        self.loop = loop
+        self.events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        self.aborted = threading.Event()
+        self.partial = ""  # text of the choice being generated (Kobold's generate/check)
+        self.outcome: GenerationOutcome | None = None
+        self.logprobs: list[TokenLogprob] | None = None
+
+    def emit(self, event: GenerationEvent) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+class JobHandle:
+    """The caller's side of a job: its events, its result, and a way to cancel it."""
+
+    def __init__(self, engine: "Engine", job: Job) -> None:
+        self._engine, self._job = engine, job
+
+    @property
+    def id(self) -> str:
+        return self._job.id
+
+    @property
+    def prepared(self) -> Prepared:
+        return self._job.prepared
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        """Events until (and including) "done" or "error"."""
+        while True:
+            event = await self._job.events.get()
+            yield event
+            if event.kind in ("done", "error"):
+                return
+
+    async def result(self) -> GenerationOutcome:
+        """Wait for the whole outcome; an "error" event is raised."""
+        async for event in self.events():
+            if event.kind == "error":
+                assert event.error is not None
+                raise event.error
+            if event.kind == "done":
+                assert event.outcome is not None
+                return event.outcome
+        raise RuntimeError("the job ended without an outcome")  # pragma: no cover
+
+    def cancel(self) -> None:
+        self._engine.cancel(self._job)
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, *, max_queue: int = 6, default_max_tokens: int = 512) -> None:
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self.lm = lm
+        self.max_queue = max_queue
+        self.default_max_tokens = default_max_tokens
+        self.preparer = Preparer(lm, default_max_tokens)
+        self.stats = EngineStats()
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._running: Job | None = None
+        self._last: Job | None = None
+        self._kv_tokens: list[int] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._worker_main, name="nkat-engine", daemon=True)
+        self._thread.start()
+
+    # --- model facts ----------------------------------------------------------------------------
+    @property
+    def context(self) -> int:
+        return self.lm.context
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.lm.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.lm.tokenizer.decode(ids, skip_special=skip_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.lm.tokenizer.token_bytes(token_id)
+
+    # --- jobs -----------------------------------------------------------------------------------
+    def prepare(self, req: GenerationRequest) -> Prepared:
+        """Tokenise and fit (CPU; thread-safe): call it off the event loop."""
+        return self.preparer.prepare(req)
+
+    def is_full(self) -> bool:
+        """True when a new job would be turned away (checked before the work of preparing one)."""
+        with self._cond:
+            busy = self._running is not None or bool(self._pending)
+            return self._closed or (busy and len(self._pending) >= self.max_queue)
+
+    def submit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop | None = None) -> JobHandle:
+        """Queue a job; :class:`ServerBusyError` when ``max_queue`` jobs already wait."""
+        job = Job(prepared, loop or asyncio.get_running_loop())
+        with self._cond:
+            if self._closed:
+                raise ServerBusyError("the server is shutting down")
+            busy = self._running is not None or self._pending
+            if busy and len(self._pending) >= self.max_queue:
+                raise ServerBusyError("Server is busy; please try again later.")
+            self._pending.append(job)
+            self.stats.queued = len(self._pending)
+            self._cond.notify_all()
+        return JobHandle(self, job)
+
+    def cancel(self, job: Job) -> None:
+        """Abort a job: a running one stops at the next token, a queued one ends at once."""
+        job.aborted.set()
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+                self.stats.queued = len(self._pending)
+                self._finish_unrun(job)
+
+    def abort(self, genkey: str = "") -> tuple[bool, bool]:
+        """Kobold's abort: (success, done). An empty key aborts the running job only when nothing
+        waits; a key aborts the running job it names, or the queued one (done = False)."""
+        with self._cond:
+            running = self._running
+            if running is not None and ((not genkey and not self._pending) or (genkey and genkey == running.genkey)):
+                running.aborted.set()
+                return True, True
+            if genkey:
+                for job in self._pending:
+                    if job.genkey == genkey:
+                        job.aborted.set()
+                        self._pending.remove(job)
+                        self.stats.queued = len(self._pending)
+                        self._finish_unrun(job)
+                        return True, False
+            return False, running is None
+
+    def _visible(self, genkey: str) -> Job | None:
+        """The running (or last) job that ``genkey`` may look at, after Kobold's privacy rule."""
+        job = self._running or self._last
+        if job is None:
+            return None
+        if genkey and genkey == job.genkey:
+            return job
+        if not genkey and not job.genkey and not self._pending:
+            return job
+        return None
+
+    def check(self, genkey: str = "") -> str:
+        """The text generated so far by the running job (Kobold's ``generate/check``)."""
+        with self._cond:
+            job = self._visible(genkey)
+            return job.partial if job is not None else ""
+
+    def last_logprobs(self, genkey: str = "") -> list[TokenLogprob] | None:
+        with self._cond:
+            job = self._visible(genkey)
+            return job.logprobs if job is not None else None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for job in list(self._pending):
+                job.aborted.set()
+                self._finish_unrun(job)
+            self._pending.clear()
+            if self._running is not None:
+                self._running.aborted.set()
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    # --- the worker -----------------------------------------------------------------------------
+    def _finish_unrun(self, job: Job) -> None:
+        p = job.prepared
+        n = p.request.n
+        outcome = GenerationOutcome(id=job.id, seed=p.seed, max_tokens=p.max_tokens, warnings=p.warnings,
+                                    truncated_tokens=p.truncated_tokens)
+        for pi, pp in enumerate(p.prompts):
+            for k in range(n):
+                outcome.choices.append(Choice(pi * n + k, finish_reason="abort", stop_kind="abort",
+                                              prompt_text=pp.text, prompt_tokens=len(pp.ids)))
+        outcome.prompt_tokens = sum(len(pp.ids) for pp in p.prompts)
+        job.outcome = outcome
+        job.emit(GenerationEvent("done", outcome=outcome))
+
+    def _worker_main(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._pending.popleft()
+                self._running = job
+                self.stats.queued, self.stats.busy = len(self._pending), True
+            try:
+                self._run(job)
+            except BaseException as exc:  # reported to the caller, never kills the worker
+                log.exception("generation failed")
+                job.emit(GenerationEvent("error", error=exc))
+            finally:
+                with self._cond:
+                    self._running, self._last = None, job
+                    self.stats.busy = False
+                    self.stats.last_end = time.time()
+
+    def _run(self, job: Job) -> None:
+        p = job.prepared
+        req = p.request
+        outcome = GenerationOutcome(id=job.id, seed=p.seed, max_tokens=p.max_tokens, warnings=p.warnings,
+                                    truncated_tokens=p.truncated_tokens)
+        outcome.prompt_tokens = sum(len(pp.ids) for pp in p.prompts)
+        want_prompt_lp = req.echo and req.logprobs is not None
+        all_logprobs: list[TokenLogprob] = []
+        for pi, pp in enumerate(p.prompts):
+            for k in range(req.n):
+                index = pi * req.n + k
+                job.partial = ""
+                res = GenerationResult()
+                stream = generate_stream(
+                    self.lm, pp.ids, pp.max_new, p.params, p.stop, sorted(p.stop_ids),
+                    should_abort=job.aborted.is_set, result=res, generator=make_generator(p.seed + index),
+                    banned_phrases=p.banned_phrases, logprobs=req.logprobs, prompt_logprobs=want_prompt_lp,
+                    include_stop=not req.trim_stop, skip_special=not req.render_special, kv_prefix=self._kv_tokens,
+                )
+                try:
+                    for piece in stream:
+                        job.partial += piece
+                        job.emit(GenerationEvent("text", index=index, text=piece))
+                finally:
+                    self._kv_tokens = res.kv_tokens
+                choice = Choice(
+                    index, res.text, res.finish_reason, res.stop_kind, res.stop_reason, pp.text, len(pp.ids),
+                    len(res.token_ids), res.cached_tokens, list(res.token_ids),
+                    list(res.logprobs) if req.logprobs is not None else None,
+                    list(res.prompt_logprobs) if want_prompt_lp else None,
+                )
+                all_logprobs.extend(res.logprobs)
+                outcome.choices.append(choice)
+                outcome.completion_tokens += choice.completion_tokens
+                outcome.prefill_seconds += res.prefill_seconds
+                outcome.decode_seconds += res.decode_seconds
+                self._record(res, p.seed + index)
+                job.emit(GenerationEvent("choice", index=index, choice=choice))
+                if job.aborted.is_set():
+                    break
+            if job.aborted.is_set():
+                break
+        job.logprobs = all_logprobs if req.logprobs is not None else None
+        job.outcome = outcome
+        job.emit(GenerationEvent("done", outcome=outcome))
+        log.info("job %s: %d prompt + %d generated tokens, prefill %.2f s, decode %.2f s%s", job.id[:8],
+                 outcome.prompt_tokens, outcome.completion_tokens, outcome.prefill_seconds, outcome.decode_seconds,
+                 " (aborted)" if job.aborted.is_set() else "")
+
+    def _record(self, res: GenerationResult, seed: int) -> None:
+        s = self.stats
+        s.total_gens += 1
+        s.last_process_seconds, s.last_eval_seconds = res.prefill_seconds, res.decode_seconds
+        s.last_input_count, s.last_token_count = res.prompt_tokens, len(res.token_ids)
+        s.last_seed, s.last_stop_kind = seed, res.stop_kind

@@ -1,0 +1,150 @@
+"""``nkat-server``: serve a GGUF / .nkat model over the KoboldCpp, OpenAI and llama.cpp APIs.
+
+Every flag can also be set in the ``[server]`` table of the config file (``--config``, default
+``./config.toml`` when present); the ``[model]`` table is read too. Flags win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any, Sequence
+
+from nkat_runtime.cli import common
+
+log = logging.getLogger("nkat_server")
+
+DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 5001, "max_queue": 6, "max_body": 32.0,
+                            "default_max_tokens": 512, "no_cuda": False, "no_theta": False}
+# [server] key -> argparse attribute (the flags' own names, plus KoboldCpp's spellings)
+SERVER_KEYS = {
+    "model": "model", "contextsize": "ctx", "ctx": "ctx", "device": "device", "threads": "threads",
+    "no_cuda": "no_cuda", "host": "host", "port": "port", "password": "password", "api_key": "password",
+    "theta_gamma": "theta_gamma", "no_theta": "no_theta", "max_queue": "max_queue", "max_body": "max_body",
+    "default_max_tokens": "default_max_tokens", "defaultgenamt": "default_max_tokens", "verbose": "verbose",
+}
+TYPES: dict[str, tuple[type, ...]] = {
+    "host": (str,), "port": (int,), "password": (str,), "theta_gamma": (int, float), "no_theta": (bool,),
+    "max_queue": (int,), "max_body": (int, float), "default_max_tokens": (int,), "no_cuda": (bool,),
+    "model": (str,), "ctx": (int,), "device": (str,), "verbose": (bool,),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (through common.run)
+        raise ValueError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nkat-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    p.set_defaults(no_cuda=None, verbose=None)  # None = "not given", so the config file can fill it
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
+    s.add_argument("--port", type=int, default=None, help="TCP port (default 5001, as KoboldCpp)")
+    s.add_argument("--password", "--api-key", dest="password", default=None,
+                   help="require 'Authorization: Bearer <key>' on generation and token routes")
+    s.add_argument("--max-queue", type=int, default=None,
+                   help="requests that may wait while one generates (default 6); more get 503")
+    s.add_argument("--max-body", type=float, default=None, help="request size limit in MB (default 32)")
+    s.add_argument("--default-max-tokens", "--defaultgenamt", dest="default_max_tokens", type=int, default=None,
+                   help="tokens to generate when a request gives no length (default 512)")
+    t = p.add_argument_group("θ (.nkat files)")
+    t.add_argument("--theta-gamma", type=float, default=None, help="override the file's θ strength γ")
+    t.add_argument("--no-theta", action="store_true", default=None, help="serve the plain source model")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults for what neither the flags nor the config gave; type-check config values."""
+    for key, value in DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for key, types in TYPES.items():
+        value = getattr(args, key, None)
+        if value is not None and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+            raise ValueError(f"{key} must be of type {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_queue < 0:
+        raise ValueError("--max-queue must be >= 0")
+    if args.max_body <= 0:
+        raise ValueError("--max-body must be > 0 (MB)")
+    if args.default_max_tokens <= 0:
+        raise ValueError("--default-max-tokens must be > 0")
+    if args.ctx is not None and args.ctx <= 0:
+        raise ValueError("--contextsize must be positive")
+    if args.password == "":
+        args.password = None
+    return args
+
+
+def theta_state(lm: Any, args: argparse.Namespace) -> str:
+    if lm.gguf.get("nkat.version") is None:
+        return "θ: none (plain GGUF)"
+    if args.no_theta:
+        return "θ: off (--no-theta)"
+    gamma = args.theta_gamma if args.theta_gamma is not None else lm.gguf.get("nkat.theta.gamma", 1.0)
+    return f"θ: on (γ={float(gamma):g})"
+
+
+async def serve(app: Any, host: str, port: int, banner: str) -> None:
+    from aiohttp import web
+
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=logging.getLogger("nkat_server.access"))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        shown = f"[{host}]" if ":" in host else host
+        log.info("%s; listening on http://%s:%d (Kobold API /api, OpenAI API /v1)", banner, shown, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread / Windows
+                pass
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+
+
+def build_state(args: argparse.Namespace):
+    """Load the model and wrap it in an engine and the server state (no socket yet)."""
+    from nkat_runtime.engine import Engine
+
+    from .app import ServerConfig, ServerState
+
+    lm = common.load_from_args(args, progress=sys.stderr.isatty(), theta=not args.no_theta,
+                               theta_gamma=args.theta_gamma)
+    engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
+    config = ServerConfig(password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024))
+    return lm, ServerState(engine, config, lm.path.stem)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.setup(args, tables={"server": SERVER_KEYS, "model": common.MODEL_KEYS}, strict=("server",),
+                 level=logging.INFO)
+    resolve(args)
+    logging.getLogger("nkat_server.access").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    from .app import create_app
+
+    lm, state = build_state(args)
+    banner = (f"model {lm.path.name} ({lm.name}, {lm.config.arch}) on {lm.device}, context {lm.context}, "
+              f"{theta_state(lm, args)}, auth {'on' if args.password else 'off'}")
+    asyncio.run(serve(create_app(state), args.host, args.port, banner))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.run(_main, argv, prog="nkat-server")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""KoboldAI / KoboldCpp routes: ``/api/v1/*``, ``/api/latest/*``, ``/api/extra/*`` and the probes
+KoboldAI Lite makes on connect."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from adapters import kobold
+from nkat_runtime.errors import InvalidRequestError
+from nkat_runtime.request import Choice
+
+from .app import Route, ServerState, json_response, read_json
+from .errors import ApiError
+from .jobs import events_with_keepalive, run_to_end, stream_guard, submit, warning_headers
+from .sse import SSEWriter
+
+
+async def model(state: ServerState, request: web.Request) -> web.Response:
+    return json_response(kobold.model_result(state.model_name, state.authorised(request)))
+
+
+async def info_version(state: ServerState, request: web.Request) -> web.Response:
+    return json_response({"result": kobold.KOBOLD_API_VERSION})
+
+
+async def max_length(state: ServerState, request: web.Request) -> web.Response:
+    return json_response({"value": state.engine.default_max_tokens})
+
+
+async def max_context(state: ServerState, request: web.Request) -> web.Response:
+    return json_response({"value": state.engine.context})
+
+
+async def soft_prompt(state: ServerState, request: web.Request) -> web.Response:
+    return json_response({"value": ""})
+
+
+async def soft_prompts_list(state: ServerState, request: web.Request) -> web.Response:
+    return json_response({"values": []})
+
+
+async def extra_version(state: ServerState, request: web.Request) -> web.Response:
+    return json_response(kobold.version_info(bool(state.config.password), state.version))
+
+
+async def perf(state: ServerState, request: web.Request) -> web.Response:
+    return json_response(kobold.perf(state.engine.stats))
+
+
+async def preload_story(state: ServerState, request: web.Request) -> web.Response:
+    return json_response({})
+
+
+async def sd_models(state: ServerState, request: web.Request) -> web.Response:
+    return json_response([])
+
+
+async def generate(state: ServerState, request: web.Request) -> web.Response:
+    greq = kobold.parse_generate(await read_json(request, state))
+    handle = await submit(state, greq)
+    outcome = await run_to_end(handle)
+    return json_response(kobold.generate_response(outcome), headers=warning_headers(handle))
+
+
+async def generate_stream(state: ServerState, request: web.Request) -> web.StreamResponse:
+    greq = kobold.parse_generate(await read_json(request, state))
+    handle = await submit(state, greq)
+    writer = SSEWriter(request, warning_headers(handle))
+
+    async def body() -> AsyncIterator[None]:
+        await writer.open()
+        last: Choice | None = None
+        async for event in events_with_keepalive(handle, None, 0):
+            if event.kind == "text" and event.text:
+                await writer.event("message", kobold.stream_piece(event.text))
+            elif event.kind == "choice" and last is None:
+                last = event.choice
+            elif event.kind == "done":
+                choice = last or (event.outcome.choices[0] if event.outcome and event.outcome.choices else None)
+                if choice is not None:
+                    await writer.event("message", kobold.stream_end(choice))
+            elif event.kind == "error":
+                return  # KoboldCpp just closes the stream on an error
+            yield None
+
+    return await stream_guard(handle, writer, body())
+
+
+async def check(state: ServerState, request: web.Request) -> web.Response:
+    genkey = ""
+    if request.method == "POST":
+        genkey = kobold.parse_genkey(await read_json(request, state, required=False))
+    return json_response(kobold.check_response(state.engine.check(genkey)))
+
+
+async def abort(state: ServerState, request: web.Request) -> web.Response:
+    genkey = kobold.parse_genkey(await read_json(request, state, required=False))
+    return json_response(kobold.abort_response(*state.engine.abort(genkey)))
+
+
+async def last_logprobs(state: ServerState, request: web.Request) -> web.Response:
+    genkey = kobold.parse_genkey(await read_json(request, state, required=False))
+    return json_response({"logprobs": kobold.logprobs_object(state.engine.last_logprobs(genkey))})
+
+
+async def tokencount(state: ServerState, request: web.Request) -> web.Response:
+    try:
+        text, special = kobold.parse_tokencount(await read_json(request, state))
+    except (InvalidRequestError, ApiError) as exc:
+        status = exc.status if isinstance(exc, ApiError) else 400
+        return json_response({"value": -1, "ids": [], **kobold.error_body(str(exc))}, status=status)
+    ids = state.engine.tokenize(text, add_special=special)
+    return json_response({"value": len(ids), "ids": ids})
+
+
+async def detokenize(state: ServerState, request: web.Request) -> web.Response:
+    try:
+        ids = kobold.parse_detokenize(await read_json(request, state))
+        text = state.engine.detokenize(ids)
+    except Exception as exc:  # noqa: BLE001 - KoboldCpp's own failure shape
+        status = exc.status if isinstance(exc, ApiError) else 400
+        return json_response({"result": "", "success": False, **kobold.error_body(str(exc))}, status=status)
+    return json_response({"result": text, "success": True})
+
+
+def routes() -> list[Route]:
+    out: list[Route] = []
+    for base in ("/api/v1", "/api/latest"):
+        out += [
+            Route("GET", f"{base}/model", model, "kobold"),
+            Route("GET", f"{base}/info/version", info_version, "kobold"),
+            Route("GET", f"{base}/config/max_length", max_length, "kobold"),
+            Route("GET", f"{base}/config/max_context_length", max_context, "kobold"),
+            Route("GET", f"{base}/config/soft_prompt", soft_prompt, "kobold"),
+            Route("GET", f"{base}/config/soft_prompts_list", soft_prompts_list, "kobold"),
+            Route("POST", f"{base}/generate", generate, "kobold", protected=True),
+        ]
+    out += [
+        Route("GET", "/api/extra/version", extra_version, "kobold"),
+        Route("GET", "/api/extra/true_max_context_length", max_context, "kobold"),
+        Route("GET", "/api/extra/perf", perf, "kobold"),
+        Route("GET", "/api/extra/preloadstory", preload_story, "kobold"),
+        Route("GET", "/sdapi/v1/sd-models", sd_models, "kobold"),
+        Route("POST", "/api/extra/generate/stream", generate_stream, "kobold", protected=True),
+        Route("GET", "/api/extra/generate/check", check, "kobold", protected=True),
+        Route("POST", "/api/extra/generate/check", check, "kobold", protected=True),
+        Route("POST", "/api/extra/abort", abort, "kobold", protected=True),
+        Route("POST", "/api/extra/last_logprobs", last_logprobs, "kobold", protected=True),
+        Route("POST", "/api/extra/tokencount", tokencount, "kobold", protected=True),
+        Route("POST", "/api/extra/tokenize", tokencount, "kobold", protected=True),
+        Route("POST", "/api/extra/detokenize", detokenize, "kobold", protected=True),
+    ]
+    return out

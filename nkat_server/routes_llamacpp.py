@@ -1,0 +1,119 @@
+"""llama.cpp server's native routes (``/health``, ``/props``, ``/completion``, ``/tokenize``,
+``/detokenize``) and the small probes (``/``, ``/ping``, ``/slots``)."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from adapters import llamacpp
+from adapters.samplers import LLAMACPP_DEFAULTS, read_sampling
+from adapters.fields import Fields
+
+from .app import Route, ServerState, json_response, read_json
+from .errors import ApiError, classify, error_payload
+from .jobs import events_with_keepalive, run_to_end, stream_guard, submit, warning_headers
+from .sse import SSEWriter
+
+INDEX_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>NKAT server</title></head>
+<body><h1>NKAT server</h1><p>Model: {model} &middot; context {ctx} tokens</p>
+<p>This server speaks the KoboldCpp API (<code>/api/v1/generate</code>, <code>/api/extra/generate/stream</code>),
+the OpenAI API (<code>/v1/completions</code>, <code>/v1/chat/completions</code>, <code>/v1/models</code>) and
+llama.cpp's routes (<code>/completion</code>, <code>/tokenize</code>, <code>/props</code>).
+Point KoboldAI Lite, SillyTavern or an OpenAI client at this address.</p></body></html>"""
+
+
+def _settings(state: ServerState) -> dict:
+    return llamacpp.generation_settings(read_sampling(Fields({}), LLAMACPP_DEFAULTS), state.engine.context,
+                                        state.model_id)
+
+
+async def index(state: ServerState, request: web.Request) -> web.Response:
+    return web.Response(text=INDEX_HTML.format(model=state.model_name, ctx=state.engine.context),
+                        content_type="text/html")
+
+
+async def health(state: ServerState, request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def ping(state: ServerState, request: web.Request) -> web.Response:
+    return json_response({"status": "healthy"})
+
+
+async def slots(state: ServerState, request: web.Request) -> web.Response:
+    raise ApiError(501, "This server does not support slots endpoint.", "not_supported")
+
+
+async def props(state: ServerState, request: web.Request) -> web.Response:
+    lm = state.engine.lm
+    tok = lm.tokenizer
+    return json_response({
+        "default_generation_settings": _settings(state),
+        "total_slots": 1,
+        "model_path": str(lm.path),
+        "chat_template": lm.chat_template or "",
+        "bos_token": tok.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
+        "eos_token": tok.id_to_token(tok.eos_id) if tok.eos_id is not None else "",
+        "build_info": f"nkat {state.version}",
+        "modalities": {"vision": False, "audio": False},
+    })
+
+
+async def completion(state: ServerState, request: web.Request) -> web.StreamResponse:
+    greq, stream, return_tokens = llamacpp.parse_completion(await read_json(request, state))
+    handle = await submit(state, greq)
+    settings = llamacpp.generation_settings(handle.prepared.params, state.engine.context, state.model_id)
+    if not stream:
+        outcome = await run_to_end(handle)
+        results = [llamacpp.completion_result(c, outcome, state.model_id, settings, return_tokens)
+                   for c in outcome.choices]
+        return json_response(results[0] if len(results) == 1 else results, headers=warning_headers(handle))
+
+    writer = SSEWriter(request, warning_headers(handle))
+
+    async def body() -> AsyncIterator[None]:
+        await writer.open()
+        outcome_seen = False
+        async for event in events_with_keepalive(handle, writer, state.config.keepalive_seconds):
+            if event.kind == "text" and event.text:
+                await writer.data(llamacpp.stream_piece(event.index, event.text))
+            elif event.kind == "done" and event.outcome is not None and not outcome_seen:
+                outcome_seen = True
+                for choice in event.outcome.choices:
+                    final = llamacpp.completion_result(choice, event.outcome, state.model_id, settings, return_tokens)
+                    final["content"] = ""
+                    await writer.data(final)
+            elif event.kind == "error" and event.error is not None:
+                await writer.data(error_payload("llamacpp", classify(event.error)))
+                return
+            yield None
+
+    return await stream_guard(handle, writer, body())
+
+
+async def tokenize(state: ServerState, request: web.Request) -> web.Response:
+    content, add_special, parse_special, with_pieces = llamacpp.parse_tokenize(await read_json(request, state))
+    ids = state.engine.tokenize(content, add_special=add_special, parse_special=parse_special)
+    if with_pieces:
+        return json_response({"tokens": [llamacpp.token_piece(i, state.engine.token_bytes(i)) for i in ids]})
+    return json_response({"tokens": ids})
+
+
+async def detokenize(state: ServerState, request: web.Request) -> web.Response:
+    ids = llamacpp.parse_detokenize(await read_json(request, state))
+    return json_response({"content": state.engine.detokenize(ids)})
+
+
+def routes() -> list[Route]:
+    return [
+        Route("GET", "/", index, "llamacpp"),
+        Route("GET", "/health", health, "llamacpp"),
+        Route("GET", "/ping", ping, "llamacpp"),
+        Route("GET", "/slots", slots, "llamacpp"),
+        Route("GET", "/props", props, "llamacpp"),
+        Route("POST", "/completion", completion, "llamacpp", protected=True),
+        Route("POST", "/tokenize", tokenize, "llamacpp", protected=True),
+        Route("POST", "/detokenize", detokenize, "llamacpp", protected=True),
+    ]
