@@ -25,6 +25,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from .errors import ModelNotFoundError
+from .fsutil import publish, temp_beside
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,15 @@ def cache_dir() -> Path:
 
 def _copy_chunks(parts: list[Path], target: Path, desc: str) -> Path:
     total = sum(p.stat().st_size for p in parts)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+    tmp = temp_beside(target)
     try:
-        with os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
+        with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
             for part in parts:
                 with open(part, "rb") as src:
                     while chunk := src.read(1 << 22):
                         out.write(chunk)
                         bar.update(len(chunk))
-        os.replace(tmp, target)
+        publish(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -4,13 +4,12 @@ an interrupted write leaves no half file under the final name."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .fsutil import publish, temp_beside
 from .gguf_io import GGUFFile
 
 # key -> (value, GGUFValueType, element GGUFValueType for arrays or None)
@@ -31,10 +30,9 @@ def write_derived_gguf(
     import gguf
 
     replace, add, extra_kv = replace or {}, add or {}, extra_kv or {}
-    fd, tmp = tempfile.mkstemp(dir=Path(output).resolve().parent, prefix=Path(output).name + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_beside(output)
     try:
-        w = gguf.GGUFWriter(tmp, src.architecture)
+        w = gguf.GGUFWriter(str(tmp), src.architecture)
         w.data_alignment = src.alignment
         for key, value in src.metadata.items():
             if key == "general.architecture" or key in extra_kv or drop(key):
@@ -60,7 +58,7 @@ def write_derived_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=progress)
         w.close()
-        os.replace(tmp, output)
+        publish(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -3,6 +3,7 @@ and the converter's errors."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -57,6 +58,9 @@ def test_moyal_round_trip(tiny_model, tmp_path, arch):
     out = tmp_path / "m.nkat"
     res = _convert(src, out, rank=4, gamma=0.97)
     g = _assert_source_copied(src, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not mkstemp's 0600
     assert g.metadata["nkat.theta.mode"] == "moyal" and g.metadata["nkat.theta.rank"] == 4
     assert abs(g.metadata["nkat.theta.gamma"] - 0.97) < 1e-6
     assert len(g.metadata["nkat.theta.targets"]) == len(res.targets) > 0

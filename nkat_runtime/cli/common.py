@@ -102,15 +102,13 @@ def load_from_args(args: argparse.Namespace, **kwargs):
 def write_json(path: str | Path, obj: object) -> None:
     """Write JSON to a temp file beside ``path``, then rename it into place."""
     import json
-    import os
-    import tempfile
 
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.resolve().parent, prefix=target.name + ".", suffix=".tmp")
+    from ..fsutil import publish, temp_beside
+
+    tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        os.replace(tmp, target)
+        tmp.write_text(json.dumps(obj, indent=2))
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
