@@ -150,7 +150,7 @@ def main() -> int:
     ids = lm.tokenizer.encode(text, add_special=True)[: args.chunks * 512]
     del lm
     if args.part in ("b", "all"):
-        part_b(results, model, work, ids, args.chunks, plain_ranks=(8,), aware_ranks=(8, 32))
+        part_b(results, model, work, ids, args.chunks, plain_ranks=(8,), aware_ranks=(8,))
     if args.part in ("a", "all"):
         part_a(results, model, ids, args.chunks, ranks=(2, 4, 6, 8), gammas=(0.90, 0.95, 0.97, 0.99),
                small_gammas=(0.1, 0.5), grid_chunks=args.grid_chunks)

@@ -25,7 +25,7 @@ from . import quant
 from .errors import ModelFormatError, NKATError
 from .gguf_io import GGUFFile, open_gguf
 from .gguf_write import write_derived_gguf
-from .names import select
+from .names import select, to_gguf
 from .theta import ThetaFactors, theta_tensor_names
 from .theta_svd import (
     DEFAULT_TARGET_SIZE,
@@ -109,14 +109,17 @@ def matrix_weights(src: GGUFFile) -> list[str]:
 
 
 def plan_targets(src: GGUFFile, selective: Iterable[str] | None) -> list[str]:
-    """Default: every block weight; else the user's names/globs (2-D weights only)."""
+    """Default: every block weight; else the user's names/globs, among the 2-D weights
+    (a glob skips norms and biases; a plain name of one is an error)."""
     if not selective:
         targets = [n for n in src.tensors if BLOCK_WEIGHT.match(n)]
     else:
-        targets = select(selective, list(src.tensors))
-        flat = [n for n in targets if len(src.tensors[n].shape) != 2 or not n.endswith(".weight")]
-        if flat:
-            raise ConvertError(f"{flat[0]} is not a 2-D weight matrix; θ applies to matrices only")
+        matrices = matrix_weights(src)
+        for pat in selective:
+            name = to_gguf(pat.strip())
+            if name in src.tensors and name not in matrices:
+                raise ConvertError(f"{name} is not a 2-D weight matrix; θ applies to matrices only")
+        targets = select(selective, matrices)
     if not targets:
         raise ConvertError("no target weights selected")
     return targets

@@ -166,6 +166,16 @@ def test_converter_errors_exit_2_and_write_nothing(tiny_model, tmp_path):
     assert src.read_bytes() == before
 
 
+def test_globs_skip_norms_names_of_norms_are_errors(tiny_model, tmp_path):
+    from nkat_runtime.convert import ConvertError, plan_targets
+
+    src = open_gguf(tiny_model("gemma3"))
+    want = {f"blk.1.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output")}
+    assert set(plan_targets(src, ["blk.1.attn_*.weight"])) == want  # the q/k norms are skipped
+    with pytest.raises(ConvertError, match="not a 2-D weight matrix"):
+        plan_targets(src, ["blk.1.attn_norm.weight"])
+
+
 def test_dry_run_writes_nothing(tiny_model, tmp_path):
     out = tmp_path / "dry.nkat"
     res = _cli("--input", str(tiny_model("llama")), "--output", str(out), "--dry-run")
