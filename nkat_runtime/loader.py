@@ -88,7 +88,9 @@ class GGUFWeights:
         factors = self.theta(name + ".weight")
         if factors is not None and self.theta_gamma is not None:
             factors.validate(weight.shape[0], weight.shape[1], name + ".weight")
-            layer = ThetaLinear(layer, factors, self.theta_gamma, self.dtype)
+            ref = self.gguf.tensor(name + ".weight")
+            restore = lambda: quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape)  # noqa: E731
+            layer = ThetaLinear(layer, factors, self.theta_gamma, self.dtype, restore=restore)
         return layer
 
     def theta(self, target: str) -> ThetaFactors | None:
@@ -186,7 +188,8 @@ def load_model(
     n_ctx = min(context or DEFAULT_CONTEXT, cfg.context_length) if not context else context
     if n_ctx <= 0:
         raise ValueError("context size must be positive")
-    bar = tqdm(total=len(gguf.tensors), desc="loading tensors", unit="t", disable=not progress, leave=False)
+    n_weights = sum(".theta_" not in n for n in gguf.tensors)
+    bar = tqdm(total=n_weights, desc="loading tensors", unit="t", disable=not progress, leave=False)
     try:
         gamma = None
         if theta and gguf.get("nkat.version") is not None:

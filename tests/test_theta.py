@@ -94,9 +94,14 @@ def test_star_product_against_dense(tiny_model, tmp_path):
     assert isinstance(layer, ThetaLinear) and layer.gamma == pytest.approx(0.8)
     x = torch.randn(3, layer.base.in_features, dtype=torch.float64)
     theta = layer.theta_left.double() @ layer.theta_right.double()
-    want = x @ layer.base.weight.double().T + 0.5 * 0.8 * x @ theta.T
-    got = layer(x.float()).double()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w = layer.source_weight().double()
+    want = x @ w.T + 0.5 * 0.8 * x @ theta.T
+    assert layer.folded  # dense base: θ folded into the weight
+    torch.testing.assert_close(layer(x.float()).double(), want, rtol=1e-5, atol=1e-5)
+    # the unfolded path (what a packed base runs) computes the same
+    layer.folded = False
+    layer.base.weight.data.copy_(w.float())
+    torch.testing.assert_close(layer(x.float()).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_gamma_zero_and_no_theta_equal_source(tiny_model, tmp_path):
@@ -126,8 +131,8 @@ def test_residual_mode_moves_toward_reference(tiny_model, tmp_path):
     ref = open_gguf(fine)
     for name, layer in lm.model.linear_modules().items():
         w_ref = quant.dequantize(ref.tensors[name].raw_tensor(), ref.tensors[name].qtype, ref.tensors[name].shape)
-        before = (layer.base.weight - w_ref).norm()
-        after = (layer.base.weight + 0.5 * layer.theta_left @ layer.theta_right - w_ref).norm()
+        before = (layer.source_weight() - w_ref).norm()
+        after = (layer.base.weight - w_ref).norm()  # γ = 1 folded in
         assert after < before if before > 0 else after == 0, name  # Q4_0 weights stay exact
     assert open_gguf(out).metadata["nkat.reference.sha256"]
 
