@@ -185,3 +185,17 @@ def test_dry_run_writes_nothing(tiny_model, tmp_path):
     out = tmp_path / "dry.nkat"
     res = _cli("--input", str(tiny_model("llama")), "--output", str(out), "--dry-run")
     assert res.returncode == 0 and "dry run: nothing written" in res.stdout and not out.exists()
+
+
+def test_optimize_rank_picks_smallest_rank_reaching_the_energy(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    res = _convert(src, tmp_path / "o.nkat", optimize_rank=True, energy_target=0.3, max_rank=8, mode="moyal")
+    g = open_gguf(src)
+    for t in res.targets:
+        w = quant.dequantize(g.tensors[t.name].raw_tensor(), g.tensors[t.name].qtype, g.tensors[t.name].shape)
+        svd = truncated_svd(w, 8)
+        r = t.rank // 2 if w.shape[0] == w.shape[1] else t.rank  # square weights store 2r
+        assert svd.energy_share(r) >= 0.3 or r == 8
+        smaller = [q for q in (1, 2, 4, 6) if q < r]
+        assert all(svd.energy_share(q) < 0.3 for q in smaller), t.name
+    assert len({t.rank for t in res.targets}) > 1  # ranks differ per weight
