@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nkat_runtime import bundled  # noqa: E402
-from nkat_runtime.convert import BLOCK_WEIGHT, ConvertOptions, convert  # noqa: E402
+from nkat_runtime.convert import ConvertOptions, convert  # noqa: E402
+from nkat_runtime.names import BLOCK_WEIGHT  # noqa: E402
 from nkat_runtime.loader import load_model  # noqa: E402
 from nkat_runtime.perplexity import perplexity_of_tokens  # noqa: E402
 from nkat_runtime.requantize import requantize  # noqa: E402

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from . import quant
-from .errors import ModelFormatError, NKATError
+from .errors import NKATError
 from .gguf_io import GGUFFile, open_gguf
 from .gguf_write import write_derived_gguf
-from .names import select, to_gguf
+from .names import BLOCK_WEIGHT, select, to_gguf
 from .theta import ThetaFactors, theta_tensor_names
 from .theta_svd import (
     DEFAULT_TARGET_SIZE,
@@ -42,7 +41,6 @@ NKAT_VERSION = 1
 DATA_DIR = Path(__file__).with_name("data")
 BUILTIN_CALIBRATION = DATA_DIR / "calibration.txt"
 BUILTIN_EVAL = DATA_DIR / "eval.txt"
-BLOCK_WEIGHT = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 OPTIMIZE_RANKS = (1, 2, 4, 6, 8, 12, 16, 24, 32)
 
 
@@ -272,11 +270,3 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         result.output = opts.output
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def check_model_file(path: Path) -> GGUFFile:
-    """Open a written .nkat again and make sure it parses (raises ModelFormatError)."""
-    g = open_gguf(path)
-    if g.get("nkat.version") is None:
-        raise ModelFormatError(f"{path}: no nkat.version key")
-    return g

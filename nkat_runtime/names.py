@@ -29,6 +29,8 @@ GLOBAL = {
     "tok_embeddings": "token_embd", "model.embed_tokens": "token_embd", "embed_tokens": "token_embd",
     "norm": "output_norm", "model.norm": "output_norm", "lm_head": "output", "output": "output",
 }
+#: the 2-D weights of a transformer block (θ's default targets, what nkat-requantize rewrites)
+BLOCK_WEIGHT = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 _LAYER = re.compile(r"^(?:model\.)?layers\.([0-9]+|[*?]|\[[^\]]*\])\.(.+)$")
 
 

@@ -8,7 +8,6 @@ reference. Everything else is copied byte for byte.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +17,8 @@ from tqdm import tqdm
 from . import quant
 from .gguf_io import open_gguf
 from .gguf_write import write_derived_gguf
+from .names import BLOCK_WEIGHT
 
-BLOCK_WEIGHT = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # the types gguf-py can quantise
 
 
