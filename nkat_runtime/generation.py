@@ -193,12 +193,19 @@ def generate_stream(
         res.prompt_logprobs = [TokenLogprob(prompt[0], first.decode("utf-8", errors="replace"), None, list(first))]
     logits = torch.empty(0)
     end = len(prompt) if max_new > 0 or prompt_logprobs else reuse  # nothing to generate: nothing to compute
-    for start in range(reuse, end, chunk):
+    # The last prompt token runs on its own, as a decode step does: a repeated request, which
+    # reuses every cached token but that one, then computes its logits with the same kernel
+    # and batch shape, so the same seed gives the same text on the packed fast path too.
+    bounds = [(start, min(start + chunk, end)) for start in range(reuse, end, chunk)]
+    if not prompt_logprobs and bounds and bounds[-1][1] - bounds[-1][0] > 1:
+        last_start, last_end = bounds.pop()
+        bounds += [(last_start, last_end - 1), (last_end - 1, last_end)]
+    for start, stop in bounds:
         if should_abort is not None and should_abort():
             res.finish_reason = res.stop_kind = "abort"
             res.prefill_seconds = time.perf_counter() - t0
             return
-        ids = prompt[start : start + chunk]
+        ids = prompt[start:stop]
         out = forward(ids, start, last_only=not prompt_logprobs)
         if prompt_logprobs:
             logp = torch.log_softmax(out.float(), dim=-1)

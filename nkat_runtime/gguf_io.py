@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,13 @@ class TensorRef:
         """The raw bytes as a uint8 torch tensor (a copy: the memory map is read-only)."""
         return torch.from_numpy(np.array(self.raw, copy=True))
 
+    def mapped_tensor(self) -> torch.Tensor:
+        """The raw bytes as a uint8 torch tensor *without* a copy: a view of the read-only
+        memory map. Read from it only (e.g. gather rows); writing would fault."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
+            return torch.from_numpy(self.raw)
+
 
 @dataclass
 class GGUFFile:
@@ -77,6 +85,25 @@ class GGUFFile:
     data_offset: int
     alignment: int
     value_types: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # key -> (type, array elem type)
+    mapping: mmap.mmap | None = field(default=None, repr=False)
+
+    def release(self, ref: TensorRef) -> None:
+        """Drop ``ref``'s pages of the memory map from this process's resident set.
+
+        The data stays in the OS page cache and is read back on the next access; loaders call
+        this after copying a tensor into its final form, so the file is not counted twice.
+        """
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if self.mapping is None or advice is None or ref.nbytes == 0:
+            return
+        page = mmap.PAGESIZE
+        start = ref.offset // page * page
+        end = -(-(ref.offset + ref.nbytes) // page) * page
+        end = min(end, len(self.mapping))
+        try:
+            self.mapping.madvise(advice, start, end - start)
+        except (OSError, ValueError):  # best effort: a platform may refuse it
+            pass
 
     @property
     def architecture(self) -> str:
@@ -242,4 +269,4 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         if s1 < e0:
             raise ModelFormatError(f"{path}: tensors {n0!r} and {n1!r} overlap")
     log.debug("opened %s: GGUF v%d, %d metadata keys, %d tensors", path, version, len(metadata), len(tensors))
-    return GGUFFile(path, version, metadata, tensors, data_offset, alignment, value_types)
+    return GGUFFile(path, version, metadata, tensors, data_offset, alignment, value_types, mm)

@@ -1,8 +1,8 @@
 """Linear layers the model is built from.
 
-``DenseLinear`` is the reference path: a weight dequantised once at load to float32 (or the
-model's compute dtype). Faster packed forms and the θ star-product wrap or replace it
-without the model code knowing.
+``DenseLinear`` holds a weight dequantised once at load to float32: every weight on the
+reference path, the types that do not pack on the fast path (``packed.py``). Packed forms
+and the θ star-product wrap or replace it without the model code knowing.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ class DenseLinear(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Computed in the weight's dtype, returned in ``x``'s."""
         w = self.weight
-        b = self.bias
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
-            b = None if b is None else b.to(x.dtype)
-        return F.linear(x, w, b)
+        if w.dtype == x.dtype:
+            return F.linear(x, w, self.bias)
+        y = F.linear(x.to(w.dtype), w)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)

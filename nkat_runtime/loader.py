@@ -16,10 +16,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import quant
+from . import kernels, quant
 from .errors import ModelFormatError, UnsupportedError
 from .gguf_io import GGUFFile, open_gguf
 from .linear import DenseLinear
+from .packed import DenseEmbedding, QuantEmbedding, pack_linear
 from .model import DecoderModel, ModelConfig, config_for
 from .theta import ThetaFactors, ThetaLinear, theta_tensor_names
 from .tokenizer import Tokenizer
@@ -46,10 +47,13 @@ BUILTIN_CHAT_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
 
 
 class GGUFWeights:
-    """``WeightSource`` over a GGUF file: dequantises each tensor on request.
+    """``WeightSource`` over a GGUF file.
 
-    A weight that carries θ factors (a .nkat file) becomes a ``ThetaLinear`` unless
-    ``theta_gamma`` is None (θ off: the plain source model).
+    Reference math (``fast=False``): every tensor is dequantised to ``dtype`` (float32), as
+    gguf-py would. Fast path (``fast=True``): matrices stay packed (``packed.py``), the
+    embedding table stays in the memory-mapped file, and each tensor's pages are released
+    from the resident set once it is packed. A weight that carries θ factors (a .nkat file)
+    becomes a ``ThetaLinear`` unless ``theta_gamma`` is None (θ off: the plain source model).
     """
 
     def __init__(
@@ -59,9 +63,13 @@ class GGUFWeights:
         dtype: torch.dtype,
         progress: tqdm | None = None,
         theta_gamma: float | None = None,
+        fast: bool = False,
     ):
         self.gguf, self.device, self.dtype, self.progress = gguf, device, dtype, progress
         self.theta_gamma = theta_gamma
+        self.fast = fast
+        self.int4 = fast and kernels.int4_available(device)
+        self._table: torch.Tensor | None = None
 
     def has(self, name: str) -> bool:
         return self.gguf.has_tensor(name + ".weight")
@@ -69,26 +77,44 @@ class GGUFWeights:
     def _load(self, full_name: str, dtype: torch.dtype) -> torch.Tensor:
         ref = self.gguf.tensor(full_name)
         t = quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape)
+        self._done(ref)
+        return t.to(device=self.device, dtype=dtype)
+
+    def _done(self, ref) -> None:
+        if self.fast:
+            self.gguf.release(ref)
         if self.progress is not None:
             self.progress.update(1)
-        return t.to(device=self.device, dtype=dtype)
 
     def vector(self, name: str) -> torch.Tensor:
         return self._load(name + ".weight", torch.float32)
 
-    def embedding(self, name: str) -> torch.Tensor:
-        return self._load(name + ".weight", self.dtype)
+    def embedding(self, name: str) -> nn.Module:
+        if self.fast:
+            ref = self.gguf.tensor(name + ".weight")
+            if self.progress is not None:
+                self.progress.update(1)
+            return QuantEmbedding(ref, self.device, self.dtype)
+        self._table = self._load(name + ".weight", self.dtype)
+        return DenseEmbedding(self._table)
+
+    def _matrix(self, name: str, bias: torch.Tensor | None) -> nn.Module:
+        ref = self.gguf.tensor(name + ".weight")
+        if len(ref.shape) != 2:
+            raise ModelFormatError(f"{self.gguf.path}: tensor {name}.weight is not a matrix: {ref.shape}")
+        if self.fast:
+            layer = pack_linear(ref, self.device, bias, int4=self.int4, release=self.gguf.release)
+            self._done(ref)
+            return layer
+        return DenseLinear(self._load(name + ".weight", self.dtype), bias)
 
     def linear(self, name: str, bias: bool = False) -> nn.Module:
-        weight = self._load(name + ".weight", self.dtype)
         b = self._load(name + ".bias", torch.float32) if bias else None
-        if weight.dim() != 2:
-            raise ModelFormatError(f"{self.gguf.path}: tensor {name}.weight is not a matrix: {tuple(weight.shape)}")
-        layer: nn.Module = DenseLinear(weight, b)
+        layer = self._matrix(name, b)
         factors = self.theta(name + ".weight")
         if factors is not None and self.theta_gamma is not None:
-            factors.validate(weight.shape[0], weight.shape[1], name + ".weight")
             ref = self.gguf.tensor(name + ".weight")
+            factors.validate(ref.shape[0], ref.shape[1], name + ".weight")
             restore = lambda: quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape)  # noqa: E731
             layer = ThetaLinear(layer, factors, self.theta_gamma, self.dtype, restore=restore)
         return layer
@@ -109,8 +135,12 @@ class GGUFWeights:
         as_f32 = lambda ref: quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape).reshape(-1)  # noqa: E731
         return ThetaFactors(as_int8(u), as_f32(su), as_int8(v), as_f32(sv))
 
-    def tied_linear(self, table: torch.Tensor) -> nn.Module:
-        return DenseLinear(table)
+    def tied_linear(self, name: str) -> nn.Module:
+        """The output head that shares the embedding table ``name``."""
+        if self.fast:
+            return self._matrix(name, None)
+        assert self._table is not None, "embedding() first"
+        return DenseLinear(self._table)
 
 
 @dataclass
@@ -144,6 +174,20 @@ class LoadedModel:
                            bos_token=bos, eos_token=eos)
 
 
+def trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps load-time temporaries otherwise)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def pick_device(device: str | None = None, no_cuda: bool = False) -> torch.device:
     """``cuda`` when available (and not refused), else ``cpu``; an explicit device wins."""
     if device:
@@ -166,8 +210,13 @@ def load_model(
     progress: bool = True,
     theta: bool = True,
     theta_gamma: float | None = None,
+    reference: bool = False,
 ) -> LoadedModel:
     """Open, validate and build the model; allocate the KV cache for ``context`` tokens.
+
+    The fast path (default) keeps weights packed (``packed.py``); ``reference=True``
+    dequantises everything to ``dtype`` (float32) and runs plain dense math, the path
+    that is checked against gguf-py, transformers and llama.cpp.
 
     For a .nkat file, θ is applied with the file's γ (``nkat.theta.gamma``) unless
     ``theta_gamma`` overrides it; ``theta=False`` loads the plain source model.
@@ -194,11 +243,13 @@ def load_model(
         gamma = None
         if theta and gguf.get("nkat.version") is not None:
             gamma = float(theta_gamma if theta_gamma is not None else gguf.get("nkat.theta.gamma", 1.0))
-        model = DecoderModel(cfg, GGUFWeights(gguf, dev, dtype, bar, theta_gamma=gamma))
+        model = DecoderModel(cfg, GGUFWeights(gguf, dev, dtype, bar, theta_gamma=gamma, fast=not reference))
     finally:
         bar.close()
     model.eval()
+    trim_heap()
     model.setup_caches(max_batch, n_ctx)
     elapsed = time.perf_counter() - t0
-    log.info("loaded %s (%s, %d layers) on %s in %.2f s, context %d", Path(path).name, arch, cfg.n_layer, dev, elapsed, n_ctx)
+    log.info("loaded %s (%s, %d layers) on %s in %.2f s, context %d, %s math", Path(path).name, arch, cfg.n_layer,
+             dev, elapsed, n_ctx, "reference" if reference else "fast")
     return LoadedModel(Path(path), gguf, cfg, model, tokenizer, n_ctx, dev, elapsed)

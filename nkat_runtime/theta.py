@@ -116,9 +116,9 @@ class ThetaLinear(nn.Module):
         return int(self.theta_left.shape[1])
 
     def source_weight(self) -> torch.Tensor:
-        """The weight without θ (exact for a folded layer)."""
-        if self.folded:
-            return self.restore()  # type: ignore[misc]
+        """The weight without θ, float32 (dequantised again from the file when possible)."""
+        if self.restore is not None:
+            return self.restore()
         return self.base.weight
 
     @torch.no_grad()

@@ -13,9 +13,12 @@ from nkat_runtime.sampling import SamplingParams
 ARCHS = ["llama", "qwen2", "gemma3"]
 
 
+@pytest.mark.parametrize("reference", [True, False], ids=["reference", "fast"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_decode_equals_full_prefill(tiny_model, arch):
-    lm = load_model(tiny_model(arch), device="cpu", context=64, progress=False)
+def test_decode_equals_full_prefill(tiny_model, arch, reference):
+    """Exact on the reference path; on the fast path the full prefill takes the dense bf16
+    GEMM and the steps the int4 kernel, so they agree to bf16 rounding (2 % of max |logit|)."""
+    lm = load_model(tiny_model(arch), device="cpu", context=64, progress=False, reference=reference)
     gen = torch.Generator().manual_seed(1)
     seq = torch.randint(3, lm.config.vocab_size, (1, 20), generator=gen)
     full = lm.model(seq, torch.arange(20))  # [1, 20, V]
@@ -24,15 +27,19 @@ def test_decode_equals_full_prefill(tiny_model, arch):
     for pos in range(n_prompt, 20):
         step_logits.append(lm.model(seq[:, pos : pos + 1], torch.tensor([pos]))[:, -1])
     stepped = torch.stack(step_logits[:-1], dim=1)  # predictions for positions n_prompt-1 .. 18
-    torch.testing.assert_close(stepped, full[:, n_prompt - 1 : 19], rtol=1e-4, atol=1e-4)
+    expected = full[:, n_prompt - 1 : 19]
+    if reference:
+        torch.testing.assert_close(stepped, expected, rtol=1e-4, atol=1e-4)
+    else:
+        assert (stepped - expected).abs().max() <= 0.02 * expected.abs().max()
     assert torch.isfinite(full).all()
 
 
 def test_gemma3_sliding_window_changes_local_layers(tiny_model):
     """With a window of 4, tokens more than 4 back must not influence local layers: the
     result differs from the same model with a huge window once the prompt is longer."""
-    small = load_model(tiny_model("gemma3", sliding_window=4), context=64, progress=False)
-    large = load_model(tiny_model("gemma3", sliding_window=4096), context=64, progress=False)
+    small = load_model(tiny_model("gemma3", sliding_window=4), context=64, progress=False, reference=True)
+    large = load_model(tiny_model("gemma3", sliding_window=4096), context=64, progress=False, reference=True)
     assert small.config.swa_layers == [True] * 5 + [False]
     seq = torch.randint(3, small.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
     a = small.model(seq, torch.arange(12))

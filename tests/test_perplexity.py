@@ -64,7 +64,7 @@ def test_cli_output(tiny_model, tmp_path):
 def test_matches_llama_perplexity(name, model_path, wiki_text):
     chunks = CHECK_CHUNKS[name]
     want = LLAMA_CPP_PPL[name][chunks]
-    lm = load_model(model_path(name), device="cpu", context=512, progress=False)
+    lm = load_model(model_path(name), device="cpu", context=512, progress=False, reference=True)
     ids = lm.tokenizer.encode(wiki_text, add_special=True)
     res = perplexity_of_tokens(lm, ids, 512, chunks)
     print(f"\n{name}: {chunks} chunks: ours {res.ppl:.4f} ± {res.ppl_error:.3f}, llama.cpp {want:.4f}, "

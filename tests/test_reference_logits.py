@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def pair(request, model_path):
     transformers = pytest.importorskip("transformers")
     path = model_path(request.param)
-    ours = load_model(path, device="cpu", context=512, progress=False)
+    ours = load_model(path, device="cpu", context=512, progress=False, reference=True)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     hf.eval()

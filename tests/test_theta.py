@@ -89,7 +89,7 @@ def test_star_product_against_dense(tiny_model, tmp_path):
     src = tiny_model("llama")
     out = tmp_path / "s.nkat"
     _convert(src, out, rank=4, gamma=0.5)
-    lm = load_model(out, context=32, progress=False, theta_gamma=0.8)
+    lm = load_model(out, context=32, progress=False, theta_gamma=0.8, reference=True)
     layer = lm.model.linear_modules()["blk.1.ffn_down.weight"]
     assert isinstance(layer, ThetaLinear) and layer.gamma == pytest.approx(0.8)
     x = torch.randn(3, layer.base.in_features, dtype=torch.float64)
@@ -102,6 +102,24 @@ def test_star_product_against_dense(tiny_model, tmp_path):
     layer.folded = False
     layer.base.weight.data.copy_(w.float())
     torch.testing.assert_close(layer(x.float()).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_star_product_on_packed_weights(tiny_model, tmp_path):
+    """On the fast path θ is not folded: the packed base plus two small matmuls, within
+    the int4 kernel's bf16 rounding of the dense result."""
+    from nkat_runtime.packed import Int4Linear
+
+    out = tmp_path / "p.nkat"
+    _convert(tiny_model("llama"), out, rank=4, gamma=0.5)
+    lm = load_model(out, context=32, progress=False, theta_gamma=0.8)
+    layer = lm.model.linear_modules()["blk.0.attn_q.weight"]  # Q4_0 in the tiny model
+    assert isinstance(layer, ThetaLinear) and isinstance(layer.base, Int4Linear) and not layer.folded
+    x = torch.randn(3, layer.base.in_features, generator=torch.Generator().manual_seed(0))
+    theta = layer.theta_left @ layer.theta_right
+    want = x @ layer.source_weight().T + 0.4 * x @ theta.T
+    got = layer(x)
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    assert (x @ theta.T).abs().max() > 0.05 * want.abs().max()  # θ's share is far above the tolerance
 
 
 def test_gamma_zero_and_no_theta_equal_source(tiny_model, tmp_path):
@@ -127,7 +145,7 @@ def test_residual_mode_moves_toward_reference(tiny_model, tmp_path):
     out = tmp_path / "r.nkat"
     res = _convert(tmp_path / "coarse.gguf", out, rank=8, gamma=1.0, reference=fine, use_calibration=False)
     assert res.mode == "residual"
-    lm = load_model(out, context=32, progress=False)
+    lm = load_model(out, context=32, progress=False, reference=True)
     ref = open_gguf(fine)
     for name, layer in lm.model.linear_modules().items():
         w_ref = quant.dequantize(ref.tensors[name].raw_tensor(), ref.tensors[name].qtype, ref.tensors[name].shape)

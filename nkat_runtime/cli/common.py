@@ -24,6 +24,9 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
     g.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")
     g.add_argument("--no-cuda", action="store_true", help="run on the CPU even when CUDA is available")
     g.add_argument("--threads", "-t", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--reference-math", action="store_true",
+                   help="dequantise every weight to float32 and run plain dense math (slow; the path "
+                        "checked against gguf-py, transformers and llama.cpp) instead of packed weights")
     g.add_argument("--config", default=None,
                    help="TOML settings file ([model] model/ctx/device/threads); default ./config.toml if present")
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -96,6 +99,7 @@ def load_from_args(args: argparse.Namespace, **kwargs):
 
     path = resolve_model(args.model)
     device = pick_device(args.device, no_cuda=args.no_cuda)
+    kwargs.setdefault("reference", bool(getattr(args, "reference_math", False)))
     return load_model(path, device=device, context=args.ctx, **kwargs)
 
 

@@ -24,11 +24,11 @@ class WeightSource(Protocol):
 
     def vector(self, name: str) -> torch.Tensor: ...
 
-    def embedding(self, name: str) -> torch.Tensor: ...
+    def embedding(self, name: str) -> nn.Module: ...  # token ids [B, T] -> vectors [B, T, D]
 
     def linear(self, name: str, bias: bool = False) -> nn.Module: ...
 
-    def tied_linear(self, table: torch.Tensor) -> nn.Module: ...
+    def tied_linear(self, name: str) -> nn.Module: ...  # the head sharing embedding ``name``
 
 
 class Block(nn.Module):
@@ -73,14 +73,13 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, w: WeightSource) -> None:
         super().__init__()
         self.config = cfg
-        table = w.embedding("token_embd")
-        self.register_buffer("token_embd", table, persistent=False)
+        self.token_embd = w.embedding("token_embd")
         self.layers = nn.ModuleList(Block(cfg, i, w) for i in range(cfg.n_layer))
         self.output_norm = RMSNorm(w.vector("output_norm"), cfg.rms_eps)
         if w.has("output") and not cfg.tied_output:
             self.output = w.linear("output")
         else:
-            self.output = w.tied_linear(table)
+            self.output = w.tied_linear("token_embd")
         self.max_seq = 0
         self.max_batch = 0
 
@@ -97,7 +96,7 @@ class DecoderModel(nn.Module):
     def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype = torch.float32) -> None:
         """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens."""
         cfg = self.config
-        device = self.token_embd.device
+        device = self.output_norm.weight.device
         rope_global = Rotary(cfg.rope_dim, cfg.rope_base, max_seq, cfg.rope_scale, cfg.rope_neox).to(device)
         rope_local = Rotary(cfg.rope_dim, cfg.rope_base_swa, max_seq, 1.0, cfg.rope_neox).to(device)
         for layer in self.layers:
@@ -124,7 +123,7 @@ class DecoderModel(nn.Module):
         if kv_len > self.max_seq:
             raise ValueError(f"position {kv_len - 1} is beyond the cache ({self.max_seq} tokens)")
         cfg = self.config
-        x = F.embedding(tokens, self.token_embd)
+        x = self.token_embd(tokens)
         if cfg.embed_scale != 1.0:
             x = x * cfg.embed_scale
         mask_global = attention_mask(input_pos, kv_len)
