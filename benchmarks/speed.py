@@ -30,7 +30,7 @@ import sys, time, torch
 t0 = time.perf_counter()
 torch.set_num_threads({threads})
 from nkat_runtime.loader import load_model
-lm = load_model({path!r}, device="cpu", context=64, progress=False, reference={reference})
+lm = load_model({path!r}, device="cpu", context=64, progress=False, reference={reference}, compile={compile})
 ids = lm.tokenizer.encode("Hello, my name is", add_special=True)
 lm.model(torch.tensor([ids]), torch.arange(len(ids)), last_only=True).argmax()
 print(time.perf_counter() - t0)
@@ -38,21 +38,28 @@ print(time.perf_counter() - t0)
 
 
 def run_child(cmd: list[str], timeout: float = 900) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MiB, stdout) of a child process, from the OS."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise SystemExit(f"timed out: {' '.join(cmd)}")
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-    # wait4 is gone once communicate() reaped it; RUSAGE_CHILDREN keeps the largest child's peak
-    import resource
+    """(wall seconds, peak RSS MiB, stdout) of a child process, from the OS (wait4)."""
+    import tempfile
 
-    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, out
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        deadline = t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                raise SystemExit(f"timed out: {' '.join(cmd)}")
+            time.sleep(0.01)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err.read()[-2000:]}")
+        return wall, usage.ru_maxrss / 1024, out.read()
 
 
 def find_llama(arg: str | None) -> Path | None:
@@ -72,7 +79,8 @@ def ours(path: Path, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     ctx = args.prompt + args.gen + 1
-    lm = load_model(path, device="cpu", context=ctx, progress=False, reference=args.reference_math)
+    lm = load_model(path, device="cpu", context=ctx, progress=False, reference=args.reference_math,
+                    compile=args.compile)
     rss_load = peak_rss_mb()
     cfg = lm.config
     kv_mb = 2 * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * ctx * 4 / 2**20  # float32 K and V
@@ -80,10 +88,10 @@ def ours(path: Path, args: argparse.Namespace) -> dict:
     ids = prompt_tokens(lm, BUILTIN_EVAL.read_text(encoding="utf-8"), args.prompt)
     time_prefill(lm, ids[:16])  # warm-up
     prefill, steps = [], []
-    for _ in range(args.reps):
-        seconds, tok = time_prefill(lm, ids)
-        prefill.append(seconds)
-        steps.extend(time_decode(lm, len(ids), tok, args.gen).step_seconds)
+    for _ in range(args.reps):  # as llama-bench: pp on an empty cache, tg from an empty context
+        prefill.append(time_prefill(lm, ids)[0])
+        _, tok = time_prefill(lm, ids[:1])
+        steps.extend(time_decode(lm, 1, tok, args.gen).step_seconds)
     return {
         "load_seconds": lm.load_seconds,
         "rss_after_load_mb": rss_load,
@@ -97,7 +105,8 @@ def ours(path: Path, args: argparse.Namespace) -> dict:
 
 
 def first_token_ours(path: Path, args: argparse.Namespace) -> dict:
-    code = FIRST_TOKEN.format(threads=args.threads, path=str(path), reference=args.reference_math)
+    code = FIRST_TOKEN.format(threads=args.threads, path=str(path), reference=args.reference_math,
+                              compile=args.compile)
     wall, rss, _ = run_child([sys.executable, "-c", code])
     return {"first_token_s": wall, "first_token_peak_rss_mb": rss}
 
@@ -128,17 +137,22 @@ def main() -> int:
     p.add_argument("--llama-cpp", default=None, help="folder with llama-bench and llama-simple")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp even when found")
     p.add_argument("--reference-math", action="store_true", help="time the float32 reference path instead")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compile time counts in load)")
     p.add_argument("--json", default=None, help="also write the result JSON here")
     args = p.parse_args()
     from nkat_runtime.bundled import resolve_model
 
     path = Path(resolve_model(args.model))
     result = {"model": path.name, "threads": args.threads, "prompt": args.prompt, "gen": args.gen,
-              "math": "reference" if args.reference_math else "fast"}
-    result["ours"] = {**ours(path, args), **first_token_ours(path, args)}
+              "math": "reference" if args.reference_math else "fast", "compiled": args.compile}
+    # children first, while this process is small: a child's peak RSS as the OS reports it
+    # starts from its parent's at fork
+    first = first_token_ours(path, args)
     bin_dir = None if args.no_llama else find_llama(args.llama_cpp)
     if bin_dir is not None:
         result["llama_cpp"] = llama(path, bin_dir, args)
+    result["ours"] = {**ours(path, args), **first}
+    if bin_dir is not None:
         lc, us = result["llama_cpp"], result["ours"]
         result["ratios"] = {
             "decode (≥ 0.8)": us["decode_tok_s"] / lc["decode_tok_s"],
@@ -148,7 +162,7 @@ def main() -> int:
             result["ratios"]["load to first token (≤ 2)"] = us["first_token_s"] / lc["first_token_s"]
     us = result["ours"]
     result["ratios"] = {**result.get("ratios", {}), "RSS after load / budget (≤ 1)": us["rss_after_load_mb"] / us["rss_budget_mb"]}
-    print(f"{path.name}, {args.threads} thread(s), {result['math']} math")
+    print(f"{path.name}, {args.threads} thread(s), {result['math']} math{', compiled' if args.compile else ''}")
     rows = [("decode tok/s", "decode_tok_s"), ("prefill tok/s", "prefill_tok_s"), ("load s", "load_seconds"),
             ("load → first token s", "first_token_s"), ("RSS after load MiB", "rss_after_load_mb"),
             ("peak RSS MiB", "peak_rss_mb"), ("first-token peak RSS MiB", "first_token_peak_rss_mb")]

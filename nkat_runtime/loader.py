@@ -211,12 +211,15 @@ def load_model(
     theta: bool = True,
     theta_gamma: float | None = None,
     reference: bool = False,
+    compile: bool = False,
 ) -> LoadedModel:
     """Open, validate and build the model; allocate the KV cache for ``context`` tokens.
 
     The fast path (default) keeps weights packed (``packed.py``); ``reference=True``
     dequantises everything to ``dtype`` (float32) and runs plain dense math, the path
-    that is checked against gguf-py, transformers and llama.cpp.
+    that is checked against gguf-py, transformers and llama.cpp. ``compile`` runs decode
+    steps through ``torch.compile`` (see ``DecoderModel.compile_decode``), with inductor's
+    cache under the NKAT cache folder unless ``TORCHINDUCTOR_CACHE_DIR`` is set.
 
     For a .nkat file, θ is applied with the file's γ (``nkat.theta.gamma``) unless
     ``theta_gamma`` overrides it; ``theta=False`` loads the plain source model.
@@ -249,6 +252,13 @@ def load_model(
     model.eval()
     trim_heap()
     model.setup_caches(max_batch, n_ctx)
+    if compile:
+        from .bundled import cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        model.compile_decode(mode="reduce-overhead" if dev.type == "cuda" else None)
+        for pos in (0, 1):  # compile now, not on the first request (the second step: dynamic KV length)
+            model(torch.zeros(1, 1, dtype=torch.long, device=dev), torch.tensor([pos], device=dev))
     elapsed = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers) on %s in %.2f s, context %d, %s math", Path(path).name, arch, cfg.n_layer,
              dev, elapsed, n_ctx, "reference" if reference else "fast")

@@ -174,3 +174,17 @@ def test_real_model_perplexity_matches_reference(model_path, wiki_text, name):
         del lm
         gc.collect()
     assert abs(results[False] / results[True] - 1.0) <= 0.005, results
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    path = tiny_model("gemma3")
+    eager = load_model(path, context=64, progress=False)
+    compiled = load_model(path, context=64, progress=False, compile=True)
+    seq = torch.randint(3, eager.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    for lm in (eager, compiled):
+        lm.model(seq[:, :8], torch.arange(8))
+    for p in range(8, 12):
+        step = seq[:, p : p + 1], torch.tensor([p])
+        torch.testing.assert_close(compiled.model(*step), eager.model(*step), rtol=1e-3, atol=1e-3)

@@ -27,6 +27,9 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
     g.add_argument("--reference-math", action="store_true",
                    help="dequantise every weight to float32 and run plain dense math (slow; the path "
                         "checked against gguf-py, transformers and llama.cpp) instead of packed weights")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CPU: measured 1.15-1.2x faster decode on Gemma 3 270M, "
+                        "at 85 s of compiling on the first start and 25 s with the cache warm)")
     g.add_argument("--config", default=None,
                    help="TOML settings file ([model] model/ctx/device/threads); default ./config.toml if present")
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -100,6 +103,7 @@ def load_from_args(args: argparse.Namespace, **kwargs):
     path = resolve_model(args.model)
     device = pick_device(args.device, no_cuda=args.no_cuda)
     kwargs.setdefault("reference", bool(getattr(args, "reference_math", False)))
+    kwargs.setdefault("compile", bool(getattr(args, "compile", False)))
     return load_model(path, device=device, context=args.ctx, **kwargs)
 
 

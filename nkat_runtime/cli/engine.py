@@ -68,6 +68,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from ..convert import BUILTIN_EVAL
     from ..perplexity import perplexity
     from ..theta import set_theta_gamma, theta_layers
+    import torch
 
     if args.seq_len < 1 or args.iterations < 1:
         raise ValueError("--seq-len and --iterations must be >= 1")
@@ -82,6 +83,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     gamma = theta_layers(lm.model)[0].gamma if has_theta else 0.0
     ids = prompt_tokens(lm, eval_text, args.seq_len)
     base = {"model": str(lm.path), "device": str(lm.device), "seq_len": args.seq_len,
+            "math": "reference" if args.reference_math else "fast", "compiled": bool(args.compile),
+            "threads": torch.get_num_threads(),
             "iterations": args.iterations, "load_seconds": round(lm.load_seconds, 3)}
 
     if args.compare:

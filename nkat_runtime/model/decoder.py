@@ -82,6 +82,7 @@ class DecoderModel(nn.Module):
             self.output = w.tied_linear("token_embd")
         self.max_seq = 0
         self.max_batch = 0
+        self._decode_step = None
 
     def linear_modules(self) -> dict[str, nn.Module]:
         """The block linears by GGUF weight name (``blk.0.attn_q.weight`` → module)."""
@@ -128,10 +129,32 @@ class DecoderModel(nn.Module):
             x = x * cfg.embed_scale
         mask_global = attention_mask(input_pos, kv_len)
         mask_local = attention_mask(input_pos, kv_len, cfg.sliding_window) if any(cfg.swa_layers) else None
-        for layer in self.layers:
-            x = layer(x, input_pos, mask_local if layer.is_swa else mask_global, kv_len)
+        if self._decode_step is not None and tokens.shape[1] == 1:
+            return self._decode_step(x, input_pos, mask_global, mask_local, kv_len)
+        x = self._layers(x, input_pos, mask_global, mask_local, kv_len)
         if last_only:
             x = x[:, -1:]
         elif logits_from:
             x = x[:, logits_from:]
         return self.output(self.output_norm(x)).float()
+
+    def _layers(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | None,
+                mask_local: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, pos, mask_local if layer.is_swa else mask_global, kv_len)
+        return x
+
+    def _decode(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | None,
+                mask_local: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        """One decode step after the embedding: what ``compile_decode`` compiles."""
+        x = self._layers(x, pos, mask_global, mask_local, kv_len)
+        return self.output(self.output_norm(x)).float()
+
+    def compile_decode(self, mode: str | None = None) -> None:
+        """Run decode steps (one token per sequence) through ``torch.compile``.
+
+        Compiled on the first step (tens of seconds on a small CPU; inductor's cache keeps
+        the result for the next start), with dynamic shapes so the growing KV length does
+        not recompile each step. Prefill stays eager.
+        """
+        self._decode_step = torch.compile(self._decode, dynamic=True, mode=mode)
