@@ -6,6 +6,7 @@ the OS (``getrusage``), CUDA peak from torch when on a GPU. Medians are reported
 
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import sys
@@ -78,6 +79,13 @@ def time_decode(lm: LoadedModel, start_pos: int, first_token: int, steps: int) -
         tok = int(logits[0, -1].argmax())  # the host sync a real decode loop pays too
         times.append(time.perf_counter() - t0)
     return DecodeTiming(times)
+
+
+def tpe_score(ppl: float, overhead_fraction: float) -> float:
+    """The guide's TPE score, in the form fixed by the .nkat spec: (1/ppl)/(1 + log10(1 + λ)),
+    λ the measured fractional decode slowdown (clamped at 0)."""
+    lam = max(0.0, overhead_fraction)
+    return (1.0 / ppl) / (1.0 + math.log10(1.0 + lam))
 
 
 def prompt_tokens(lm: LoadedModel, text: str, n: int) -> list[int]:

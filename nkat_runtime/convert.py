@@ -28,6 +28,7 @@ from .names import BLOCK_WEIGHT, select, to_gguf
 from .theta import ThetaFactors, theta_tensor_names
 from .theta_svd import (
     DEFAULT_TARGET_SIZE,
+    SVDResult,
     activation_scale,
     moyal_factors,
     residual_factors,
@@ -192,25 +193,44 @@ def _dequant(g: GGUFFile, name: str) -> torch.Tensor:
     return quant.dequantize(t.raw_tensor(), t.qtype, t.shape)
 
 
-def compute_theta(opts: ConvertOptions, src: GGUFFile, targets: list[str], ref: GGUFFile | None,
-                  scales: dict[str, torch.Tensor] | None) -> dict[str, tuple[ThetaFactors, float]]:
-    out: dict[str, tuple[ThetaFactors, float]] = {}
-    mode = opts.resolved_mode
-    for name in tqdm(targets, desc="θ by SVD", unit="tensor", disable=not opts.progress):
+@dataclass
+class TargetSVD:
+    """What θ of one target needs at any rank up to the SVD's: computed once, truncated per use."""
+
+    shape: tuple[int, ...]
+    svd: SVDResult
+    scale: torch.Tensor | None  # activation scale (residual, activation-aware)
+
+    def factors(self, mode: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if mode == "moyal":
+            return moyal_factors(torch.empty(self.shape, device="meta"), self.svd, rank)
+        return residual_factors(self.svd, rank, self.scale)
+
+
+def target_svds(mode: str, src: GGUFFile, targets: list[str], ref: GGUFFile | None,
+                scales: dict[str, torch.Tensor] | None, max_rank: int, target_size: int = DEFAULT_TARGET_SIZE,
+                progress: bool = True) -> dict[str, TargetSVD]:
+    """The truncated SVD (rank ``max_rank``) of every target's θ source matrix."""
+    out: dict[str, TargetSVD] = {}
+    for name in tqdm(targets, desc="θ by SVD", unit="tensor", disable=not progress):
         w = _dequant(src, name)
         scale = activation_scale(scales[name]) if scales and name in scales else None
         m = w if mode == "moyal" else residual_matrix(w, _dequant(ref, name), scale)  # type: ignore[arg-type]
-        max_r = opts.max_rank if opts.optimize_rank else opts.rank
-        svd = truncated_svd(m, max_r, opts.target_size)
+        out[name] = TargetSVD(tuple(w.shape), truncated_svd(m, max_rank, target_size), scale)
+    return out
+
+
+def compute_theta(opts: ConvertOptions, src: GGUFFile, targets: list[str], ref: GGUFFile | None,
+                  scales: dict[str, torch.Tensor] | None) -> dict[str, tuple[ThetaFactors, float]]:
+    mode = opts.resolved_mode
+    max_r = opts.max_rank if opts.optimize_rank else opts.rank
+    out: dict[str, tuple[ThetaFactors, float]] = {}
+    for name, t in target_svds(mode, src, targets, ref, scales, max_r, opts.target_size, opts.progress).items():
         rank = opts.rank
         if opts.optimize_rank:
-            fits = [r for r in OPTIMIZE_RANKS if r <= max_r and svd.energy_share(r) >= opts.energy_target]
+            fits = [r for r in OPTIMIZE_RANKS if r <= max_r and t.svd.energy_share(r) >= opts.energy_target]
             rank = fits[0] if fits else max_r
-        if mode == "moyal":
-            left, right = moyal_factors(w, svd, rank)
-        else:
-            left, right = residual_factors(svd, rank, scale)
-        out[name] = (ThetaFactors.from_dense(left, right), svd.energy_share(rank))
+        out[name] = (ThetaFactors.from_dense(*t.factors(mode, rank)), t.svd.energy_share(rank))
     return out
 
 
@@ -226,9 +246,28 @@ def theta_tensors(thetas: dict[str, tuple[ThetaFactors, float]]) -> dict[str, tu
     return out
 
 
-def convert(opts: ConvertOptions) -> ConvertResult:
+def write_nkat(src: GGUFFile, input_path: Path, output: Path, thetas: dict[str, tuple[ThetaFactors, float]],
+               mode: str, rank: int, gamma: float, reference: Path | None = None, progress: bool = True) -> None:
+    """Write ``src`` plus θ tensors and ``nkat.*`` keys to ``output`` (temp file, then rename)."""
     import gguf
 
+    V = gguf.GGUFValueType
+    extra = {
+        "nkat.version": (NKAT_VERSION, V.UINT32, None),
+        "nkat.source.sha256": (sha256_file(input_path), V.STRING, None),
+        "nkat.theta.mode": (mode, V.STRING, None),
+        "nkat.theta.rank": (rank, V.UINT32, None),
+        "nkat.theta.gamma": (float(gamma), V.FLOAT32, None),
+        "nkat.theta.targets": (list(thetas), V.ARRAY, V.STRING),
+    }
+    if reference is not None:
+        extra["nkat.reference.sha256"] = (sha256_file(reference), V.STRING, None)
+    # a .nkat given as input: its old θ and nkat keys are replaced
+    write_derived_gguf(src, output, extra_kv=extra, add=theta_tensors(thetas),
+                       drop=lambda n: ".theta_" in n or n.startswith("nkat."), progress=progress)
+
+
+def convert(opts: ConvertOptions) -> ConvertResult:
     t0 = time.perf_counter()
     check_paths(opts)
     src = open_gguf(opts.input)
@@ -253,20 +292,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         nbytes = f.u.numel() + f.v.numel() + 4 * (f.u_scale.numel() + f.v_scale.numel())
         result.targets.append(TargetResult(name, src.tensors[name].shape, f.rank, share, nbytes))
     if not opts.dry_run:
-        V = gguf.GGUFValueType
-        extra = {
-            "nkat.version": (NKAT_VERSION, V.UINT32, None),
-            "nkat.source.sha256": (sha256_file(opts.input), V.STRING, None),
-            "nkat.theta.mode": (mode, V.STRING, None),
-            "nkat.theta.rank": (opts.rank if not opts.optimize_rank else max(t.rank for t in result.targets), V.UINT32, None),
-            "nkat.theta.gamma": (float(opts.gamma), V.FLOAT32, None),
-            "nkat.theta.targets": (list(thetas), V.ARRAY, V.STRING),
-        }
-        if ref is not None:
-            extra["nkat.reference.sha256"] = (sha256_file(opts.reference), V.STRING, None)  # type: ignore[arg-type]
-        # a .nkat given as input: its old θ and nkat keys are replaced
-        write_derived_gguf(src, opts.output, extra_kv=extra, add=theta_tensors(thetas),
-                           drop=lambda n: ".theta_" in n or n.startswith("nkat."), progress=opts.progress)
+        rank = opts.rank if not opts.optimize_rank else max(t.rank for t in result.targets)
+        write_nkat(src, opts.input, opts.output, thetas, mode, rank, opts.gamma, opts.reference, opts.progress)
         result.output = opts.output
     result.seconds = time.perf_counter() - t0
     return result

@@ -84,6 +84,11 @@ def setup(
     level: int = logging.WARNING,
 ) -> None:
     apply_config(args, tables, strict)
+    setup_logging_and_threads(args, level)
+
+
+def setup_logging_and_threads(args: argparse.Namespace, level: int = logging.WARNING) -> None:
+    """Logging (``--verbose``) and torch's CPU threads (``--threads``), without a config file."""
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else level,
                         format="%(levelname)s %(name)s: %(message)s")
     threads = getattr(args, "threads", None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -36,12 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def tpe_score(ppl: float, overhead_fraction: float) -> float:
-    """The guide's TPE score, in the form fixed by the .nkat spec: (1/ppl)/(1 + log10(1 + λ))."""
-    lam = max(0.0, overhead_fraction)
-    return (1.0 / ppl) / (1.0 + math.log10(1.0 + lam))
-
-
 def _timed_rounds(lm, ids, iterations: int, rounds: int, gammas: list[float | None]) -> dict:
     """Interleave settings over rounds; per setting: prefill seconds and decode step times."""
     from ..bench import time_decode, time_prefill
@@ -64,7 +57,7 @@ def _timed_rounds(lm, ids, iterations: int, rounds: int, gammas: list[float | No
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common.setup(args)
-    from ..bench import DecodeTiming, peak_memory_mb, prompt_tokens
+    from ..bench import DecodeTiming, peak_memory_mb, prompt_tokens, tpe_score
     from ..convert import BUILTIN_EVAL
     from ..perplexity import perplexity
     from ..theta import set_theta_gamma, theta_layers

@@ -94,6 +94,17 @@ class DecoderModel(nn.Module):
                         out[f"blk.{i}.{attr}.weight"] = getattr(mod, attr)
         return out
 
+    def replace_linear(self, name: str, module: nn.Module) -> nn.Module:
+        """Put ``module`` where the block linear ``name`` (``blk.3.ffn_up.weight``) is; returns the old one."""
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or not parts[1].isdigit():
+            raise KeyError(f"not a block linear: {name}")
+        layer = self.layers[int(parts[1])]
+        parent = layer.attn if parts[2].startswith("attn") else layer.ffn
+        old = getattr(parent, parts[2])
+        setattr(parent, parts[2], module)
+        return old
+
     def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype = torch.float32) -> None:
         """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens."""
         cfg = self.config

@@ -1,0 +1,106 @@
+"""The Optuna side of the auto-optimiser: a TPE study in an RDB storage (SQLite on one
+machine, PostgreSQL/MySQL across machines), shared by any number of workers.
+
+``--trials N`` is the number of finished trials the *study* should reach: a crashed run
+resumes where it stopped, and workers on one storage stop together at N. Trial 0 is the
+baseline (γ = 0: θ off). A killed worker's running trial is failed by Optuna's heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from tqdm import tqdm
+
+from .autoopt import GAMMA_MAX, SearchConfig, ThetaSearch, TrialResult
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 10
+GRACE_S = 30
+
+
+def open_study(storage_url: str, study_name: str, seed: int):
+    import warnings
+
+    import optuna
+    from optuna.storages import RDBStorage
+
+    # ERROR: a trial failed by Ctrl-C is reported by us in one line, not by Optuna with a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    return optuna.create_study(storage=storage, study_name=study_name, direction="maximize", sampler=sampler,
+                               load_if_exists=True)
+
+
+def _count(study, *states) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def suggest(trial, cfg: SearchConfig) -> tuple[int, float]:
+    ranks = cfg.ranks
+    rank = ranks[0] if len(ranks) == 1 else trial.suggest_categorical("rank", list(ranks))
+    gamma = trial.suggest_float("gamma", 0.0, GAMMA_MAX[cfg.theta_mode])
+    return rank, gamma
+
+
+def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
+               on_trial: Callable[[int, TrialResult], None] | None = None) -> int:
+    """Run trials until the study holds ``n_trials`` finished ones; returns how many ran here.
+
+    Workers sharing the storage never overshoot: a worker whose trial would be one too many
+    waits for the others' trials in flight, and prunes its own once they finished (a pruned
+    trial is not a result). KeyboardInterrupt propagates after Optuna failed the trial in flight.
+    """
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    cfg = search.cfg
+    if not study.trials:
+        baseline = {"gamma": 0.0} if len(cfg.ranks) == 1 else {"rank": cfg.ranks[0], "gamma": 0.0}
+        study.enqueue_trial(baseline, user_attrs={"baseline": True})
+    done = _count(study, TrialState.COMPLETE)
+    if done >= n_trials:
+        return 0
+    ran = 0
+    bar = tqdm(total=n_trials, initial=done, desc="trials", unit="trial", disable=not progress)
+
+    def objective(trial) -> float:
+        nonlocal ran
+        while True:
+            live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            complete = sum(t.state == TrialState.COMPLETE for t in live)
+            if complete >= n_trials:
+                raise optuna.TrialPruned("the study already has its trials")
+            if len([t for t in live if t.number != trial.number]) < n_trials:
+                break
+            time.sleep(1.0)  # other workers hold the last slots: wait for them to finish or fail
+        rank, gamma = suggest(trial, cfg)
+        result = search.evaluate(rank, gamma)
+        for key, value in result.as_dict().items():
+            trial.set_user_attr(key, value)
+        ran += 1
+        if on_trial is not None:
+            on_trial(trial.number, result)
+        return result.tpe
+
+    def show(study_, trial) -> None:
+        bar.n = min(_count(study_, TrialState.COMPLETE), n_trials)
+        if trial.state == TrialState.COMPLETE:
+            a = trial.user_attrs
+            bar.set_postfix(best_tpe=f"{study_.best_value:.5f}",
+                            last=f"r{a['rank']} γ{a['gamma']:.2f} ppl {a['perplexity']:.2f}")
+        bar.refresh()
+
+    try:
+        study.optimize(objective, callbacks=[show, MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
+                       gc_after_trial=False)
+    finally:
+        bar.close()
+    return ran

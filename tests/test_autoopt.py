@@ -1,0 +1,119 @@
+"""nkat-auto-optimizer on a tiny generated model: the five outputs, resuming a study, two
+workers sharing one SQLite study, Ctrl-C, and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nkat_runtime.cli.autoopt import main
+from nkat_runtime.gguf_io import open_gguf
+from nkat_runtime.loader import load_model
+from nkat_runtime.theta import theta_layers
+
+FAST = ["--ctx", "64", "--eval-chunks", "2", "--decode-steps", "4", "--quiet"]
+
+
+def _run(model: Path, out: Path, *extra: str) -> int:
+    return main(["--model", str(model), "--output-dir", str(out), "--mode", "custom", *FAST, *extra])
+
+
+def _cli(model: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nkat_runtime.cli.autoopt", "--model", str(model),
+                             "--output-dir", str(out), "--mode", "custom", *FAST, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _complete(storage: str, name: str) -> list[int]:
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    return sorted(t.number for t in study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def test_three_trials_write_all_outputs(tiny_model, tmp_path):
+    from PIL import Image, ImageStat
+
+    model = tiny_model("llama")
+    assert _run(model, tmp_path, "--trials", "3") == 0
+    history = json.loads((tmp_path / "optimization_history.json").read_text())
+    trials = history["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2] and trials[0]["baseline"]
+    assert trials[0]["params"]["gamma"] == 0.0 and trials[0]["overhead_percentage"] == 0.0
+    for t in trials:
+        assert t["perplexity"] > 1 and t["tokens_per_second"] > 0 and t["tpe"] > 0 and t["duration_seconds"] > 0
+    study = json.loads((tmp_path / "optuna_study.json").read_text())
+    assert study["sampler"] == "TPESampler" and study["direction"] == "maximize" and study["n_trials"] == 3
+    assert study["best_value"] == max(t["tpe"] for t in trials)
+    with Image.open(tmp_path / "optimization_results.png") as img:
+        assert img.size[0] > 800 and max(ImageStat.Stat(img.convert("L")).stddev) > 10  # not blank
+    best = study["best_theta_trial"]
+    stem = f"optimal_rank{best['params']['rank']}_gamma{best['params']['gamma']:.3f}"
+    meta = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert meta["file"] == f"{stem}.nkat" and meta["measured"] == best and len(meta["source_sha256"]) == 64
+    assert meta["better_than_baseline"] == (best["tpe"] > trials[0]["tpe"])
+    g = open_gguf(tmp_path / f"{stem}.nkat")
+    assert g.get("nkat.theta.rank") == best["params"]["rank"]
+    assert g.get("nkat.theta.gamma") == pytest.approx(best["params"]["gamma"], rel=1e-6)
+    lm = load_model(tmp_path / f"{stem}.nkat", context=64, progress=False)
+    layers = theta_layers(lm.model)
+    assert layers and all(layer.gamma == pytest.approx(best["params"]["gamma"], rel=1e-6) for layer in layers)
+
+
+def test_resume_continues_the_trial_count(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    assert _run(model, tmp_path / "a", "--trials", "2", "--storage", storage, "--study-name", "r") == 0
+    assert _run(model, tmp_path / "b", "--trials", "4", "--storage", storage, "--study-name", "r") == 0
+    assert _complete(storage, "r") == [0, 1, 2, 3]
+    history = json.loads((tmp_path / "b" / "optimization_history.json").read_text())
+    assert [t["number"] for t in history["trials"]] == [0, 1, 2, 3]
+    assert sum(t["baseline"] for t in history["trials"]) == 1
+
+
+def test_two_workers_share_one_sqlite_study(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    # create the study first, so both workers find it (and its baseline) in place
+    assert _run(model, tmp_path / "w0", "--trials", "1", "--storage", storage, "--study-name", "s") == 0
+    workers = [_cli(model, tmp_path / f"w{i}", "--trials", "8", "--storage", storage, "--study-name", "s")
+               for i in (1, 2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err
+    done = _complete(storage, "s")
+    assert len(done) == 8 and len(set(done)) == 8
+
+
+def test_ctrl_c_keeps_the_finished_trials(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    storage = f"sqlite:///{tmp_path / 'i.db'}"
+    proc = _cli(model, tmp_path, "--trials", "500", "--storage", storage, "--study-name", "i")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        try:
+            if len(_complete(storage, "i")) >= 2:
+                break
+        except Exception:  # the study is not created yet
+            continue
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    history = json.loads((tmp_path / "optimization_history.json").read_text())
+    assert len(history["trials"]) >= 2
+    assert json.loads((tmp_path / "optuna_study.json").read_text())["interrupted"] is True
+
+
+def test_bad_arguments_are_one_line_errors(tiny_model, tmp_path, capsys):
+    assert main(["--model", str(tiny_model("llama")), "--mode", "custom", "--output-dir", str(tmp_path)]) == 2
+    assert "--mode custom needs --trials N" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "missing.gguf"), "--output-dir", str(tmp_path)]) == 2
