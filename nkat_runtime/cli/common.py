@@ -28,8 +28,8 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
                    help="dequantise every weight to float32 and run plain dense math (slow; the path "
                         "checked against gguf-py, transformers and llama.cpp) instead of packed weights")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CPU: measured 1.15-1.2x faster decode on Gemma 3 270M, "
-                        "at 85 s of compiling on the first start and 25 s with the cache warm)")
+                   help="torch.compile the decode step (CPU, Gemma 3 270M: measured 1.14-1.6x faster decode, "
+                        "at 85-140 s of compiling at load; see docs/fast-path.md)")
     g.add_argument("--config", default=None,
                    help="TOML settings file ([model] model/ctx/device/threads); default ./config.toml if present")
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
