@@ -18,7 +18,8 @@ import sys
 from dataclasses import asdict
 from typing import Sequence
 
-SELECTOR_KEYS = {"prefer": "prefer", "koboldcpp": "koboldcpp", "vram_factor": "vram_factor",
+# [selector] koboldcpp goes to its own attribute: the --koboldcpp flag is looked for first
+SELECTOR_KEYS = {"prefer": "prefer", "koboldcpp": "koboldcpp_cfg", "vram_factor": "vram_factor",
                  "vram_headroom_mb": "vram_headroom_mb", "ready_timeout": "ready_timeout"}
 SERVER_KEYS = {"host": "host", "port": "port", "password": "password", "api_key": "password"}
 
@@ -55,7 +56,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     args = build_parser().parse_args(argv)
     args.koboldcpp_cfg = None
-    common.apply_config(args, {"selector": {**SELECTOR_KEYS, "koboldcpp": "koboldcpp_cfg"}, "server": SERVER_KEYS,
+    common.apply_config(args, {"selector": SELECTOR_KEYS, "server": SERVER_KEYS,
                                "model": common.MODEL_KEYS}, strict=("selector",))
     defaults = Settings()
     settings = Settings(prefer=args.prefer or defaults.prefer,

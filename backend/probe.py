@@ -95,7 +95,6 @@ def probe_cpu() -> CPU:
 
 def probe_model(path: str | os.PathLike[str]) -> ModelInfo:
     """Header, architecture and tensor types of a .gguf/.nkat file, without its tensors."""
-    from nkat_runtime import quant
     from nkat_runtime.errors import NKATError
     from nkat_runtime.gguf_io import open_gguf
     from nkat_runtime.model import ARCHITECTURES
@@ -116,8 +115,7 @@ def probe_model(path: str | os.PathLike[str]) -> ModelInfo:
     info.tensor_types = sorted({t.type_name for t in g.tensors.values()})
     if info.arch not in ARCHITECTURES:
         info.unsupported.append(f"architecture {info.arch}")
-    info.unsupported += [f"tensor type {t.type_name}" for t in {t.qtype: t for t in g.tensors.values()}.values()
-                         if t.qtype not in quant.SUPPORTED_TYPES]
+    info.unsupported += [f"tensor type {name}" for name in sorted(g.unsupported_types())]
     return info
 
 

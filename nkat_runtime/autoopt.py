@@ -30,7 +30,7 @@ from .errors import NKATError
 from .gguf_io import open_gguf
 from .loader import load_model
 from .perplexity import perplexity_of_tokens
-from .theta import ThetaFactors, ThetaLinear
+from .theta import ThetaFactors, ThetaLinear, set_theta_gamma
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ class ThetaSearch:
         self.eval_ids = self.lm.tokenizer.encode(Path(eval_path).read_text(encoding="utf-8"), add_special=True)
         if len(self.eval_ids) < cfg.ctx:
             raise NKATError(f"{eval_path}: {len(self.eval_ids)} tokens, need at least {cfg.ctx} for perplexity")
-        self._factors: dict[int, dict[str, ThetaFactors]] = {}
-        self._rank = 0
+        self._rank = 0  # rank of the θ layers installed in the model (0: none yet)
 
     def factors(self, rank: int) -> dict[str, tuple[ThetaFactors, float]]:
         """θ of every target at ``rank`` (int8, as a .nkat file stores it) and its energy share."""
@@ -121,11 +120,7 @@ class ThetaSearch:
             for name, (f, _) in self.factors(rank).items():
                 self.lm.model.replace_linear(name, ThetaLinear(self.bases[name], f, gamma, torch.float32))
             self._rank = rank
-        self.set_gamma(gamma)
-
-    def set_gamma(self, gamma: float) -> None:
-        for name in self.targets:
-            self.lm.model.linear_modules()[name].set_gamma(gamma)
+        set_theta_gamma(self.lm.model, gamma)
 
     def _decode_seconds(self) -> list[float]:
         _, tok = time_prefill(self.lm, self.eval_ids[:1])
@@ -138,9 +133,9 @@ class ThetaSearch:
         on: list[float] = []
         off: list[float] = []
         for _ in range(3):  # interleaved, so load on a shared machine hits both alike
-            self.set_gamma(0.0)
+            set_theta_gamma(self.lm.model, 0.0)
             off += self._decode_seconds()
-            self.set_gamma(gamma)
+            set_theta_gamma(self.lm.model, gamma)
             on += self._decode_seconds()
         base_tps = 1.0 / statistics.median(off)
         tps = 1.0 / statistics.median(on) if gamma else base_tps

@@ -124,6 +124,16 @@ class GGUFFile:
     def has_tensor(self, name: str) -> bool:
         return name in self.tensors
 
+    def unsupported_types(self) -> dict[str, str]:
+        """Tensor types this runtime cannot dequantise, each with one tensor that has it."""
+        from .quant import SUPPORTED_TYPES
+
+        out: dict[str, str] = {}
+        for name, t in sorted(self.tensors.items()):
+            if t.qtype not in SUPPORTED_TYPES:
+                out.setdefault(t.type_name, name)
+        return out
+
 
 class _Cursor:
     """Bounds-checked little-endian reads over a buffer."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 GROUP = 32
-#: rows packed per call: bounds the int32 temporary (a multiple of every ISA block width)
+#: rows packed per call by ``packed.py``: bounds the int32 temporary (a multiple of every
+#: ISA's block width, so chunks packed apart concatenate to the whole tensor's layout)
 PACK_ROWS = 4096
 
 
@@ -33,18 +34,15 @@ def _cuda_inner_k_tiles(in_features: int) -> int:
 
 
 def pack_int4(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 codes [N, K] (values 0..15, on the CPU) → the op's packed weight on ``device``."""
+    """uint8 codes [N, K] (values 0..15, on the CPU) → the op's packed weight on ``device``.
+
+    On the CPU the op takes an int32 copy of its input: callers pack in row chunks."""
     n, k = codes.shape
     if device.type == "cuda":
         pairs = codes.view(n, k // 2, 2)
         packed = ((pairs[..., 0] << 4) | pairs[..., 1]).contiguous().to(device)
         return torch.ops.aten._convert_weight_to_int4pack(packed, _cuda_inner_k_tiles(k))
-    parts = [
-        torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[r : r + PACK_ROWS].to(torch.int32), 1)
-        for r in range(0, n, PACK_ROWS)
-    ]
-    packed = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return packed.to(device)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1).to(device)
 
 
 def scales_zeros(scale: torch.Tensor, zero: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -230,7 +230,7 @@ def load_model(
     arch = gguf.architecture
     embd = gguf.tensors.get("token_embd.weight")
     cfg = config_for(arch, gguf.metadata, embd.shape[0] if embd is not None else 0)
-    unsupported = sorted({(t.type_name, n) for n, t in gguf.tensors.items() if t.qtype not in quant.SUPPORTED_TYPES})
+    unsupported = sorted(gguf.unsupported_types().items())
     if unsupported:
         kind, name = unsupported[0]
         raise UnsupportedError(f"{gguf.path.name}: tensor type {kind} (e.g. tensor {name}) is not supported; "

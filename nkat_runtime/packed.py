@@ -136,19 +136,19 @@ def _int4_parts(ref: TensorRef, parts: int, device: torch.device,
     codes = [torch.empty(n, k // 2 if on_cpu else k, dtype=torch.uint8) for _ in range(parts)]
     for r in range(0, n, kernels.PACK_ROWS):
         chunk = rows_raw[r : r + kernels.PACK_ROWS]
+        stop = r + chunk.shape[0]
         for i, (c, scale, zero) in enumerate(_split(ref, chunk, parts)):
-            stop = r + chunk.shape[0]
             codes[i][r:stop] = kernels.pack_int4(c.contiguous(), device) if on_cpu else c
             sz[i][:, r:stop] = kernels.scales_zeros(scale, zero, torch.device("cpu"))
         if release is not None:
-            release(row_slice(ref, r, r + chunk.shape[0]))
+            release(row_slice(ref, r, stop))
     if on_cpu:
         return list(zip(codes, sz))
     return [(kernels.pack_int4(c, device), z.to(device)) for c, z in zip(codes, sz)]
 
 
 def int4_parts_for(ref: TensorRef) -> int:
-    """How many int4 parts ``ref`` packs into (0: it does not, it goes to bf16)."""
+    """How many int4 parts ``ref`` packs into (0: it does not, it is dequantised to float32)."""
     parts = INT4_PARTS.get(ref.type_name, 0)
     if parts and len(ref.shape) == 2 and kernels.int4_shape_ok(*ref.shape):
         return parts

@@ -172,21 +172,13 @@ class Preparer:
                 raise ContextLengthError(f"the prompt has {n_prompt} tokens; the context holds {limit} "
                                          "(and at least one must be left to generate)", n_prompt, limit)
             room = limit - n_prompt
-            if requested < 0:
-                requested = room
-            elif requested > room:
-                warnings.append(f"max_tokens {requested} clamped to {room}: the prompt has {n_prompt} tokens "
-                                f"and the context holds {limit}")
-                requested = room
+            requested = _clamp(requested, room, warnings, f"max_tokens {requested} clamped to {room}: the prompt "
+                               f"has {n_prompt} tokens and the context holds {limit}")
         else:
             cap = limit - max(min(limit - 4, 16), limit // 5)
             cap = max(1, min(cap, limit - len(bos) - 1))
-            if requested < 0:
-                requested = cap
-            elif requested > cap:
-                warnings.append(f"max_length {requested} clamped to {cap} (context {limit}: at least "
-                                f"{limit - cap} tokens stay for the prompt)")
-                requested = cap
+            requested = _clamp(requested, cap, warnings, f"max_length {requested} clamped to {cap} (context "
+                               f"{limit}: at least {limit - cap} tokens stay for the prompt)")
             room = limit - requested - len(bos)
             if len(memory) + len(body) > room:
                 before = len(memory) + len(body)
@@ -237,3 +229,13 @@ class Preparer:
             for tok_id in self._encode(text, False):
                 bias[tok_id] = -100.0 if value is None else max(-100.0, min(100.0, float(value)))
         return bias
+
+
+def _clamp(requested: int, cap: int, warnings: list[str], warning: str) -> int:
+    """A requested token count within ``cap``: unset (< 0) takes the cap, more is cut with ``warning``."""
+    if requested < 0:
+        return cap
+    if requested > cap:
+        warnings.append(warning)
+        return cap
+    return requested
