@@ -62,6 +62,7 @@ def parse_completion(body: Any) -> tuple[GenerationRequest, bool, bool]:
         raise InvalidRequestError("'prompt' is required", "prompt")
     req.prompts = _prompts(f.body["prompt"])
     req.max_tokens = read_length(f, "n_predict", "max_tokens", default=-1, allow_unlimited=True)
+    req.cache_prompt = f.boolean("cache_prompt", default=True)
     seed = f.integer("seed")
     req.seed = seed if seed is not None and 0 <= seed < 0xFFFFFFFF else None
     n_probs = f.integer("n_probs", default=0)

@@ -1,14 +1,12 @@
 """The engine: owns the loaded model, a bounded queue of jobs, and the worker that runs them.
 
 Generation runs off the caller's event loop, in one worker thread; events reach the caller's
-asyncio loop through ``call_soon_threadsafe``. One job runs at a time; a job holds all its
-choices (``n`` x prompts). Jobs can be aborted by id (:meth:`JobHandle.cancel`, e.g. on a client
-disconnect) or by Kobold ``genkey`` (:meth:`Engine.abort`). The KV cache keeps the tokens of the
-last generation, so a prompt that shares a prefix with it (a chat that grew by one turn) only
-computes the new part.
-
-A batching scheduler would replace :meth:`Engine._worker_main` / :meth:`Engine._run`; the
-queue, the handles and the event type stay as they are.
+asyncio loop through ``call_soon_threadsafe``. A job holds all its choices (``n`` x prompts);
+each choice is one sequence for the :class:`~nkat_runtime.scheduler.Scheduler`, which decodes
+every running sequence in one batched step (continuous batching over ``slots`` KV-cache rows).
+Jobs wait in a bounded queue while every slot is taken. Jobs can be aborted by id
+(:meth:`JobHandle.cancel`, e.g. on a client disconnect) or by Kobold ``genkey``
+(:meth:`Engine.abort`).
 
 The engine never builds JSON: it speaks :mod:`nkat_runtime.request` types.
 """
@@ -25,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from .errors import ServerBusyError
-from .generation import GenerationResult, generate_stream
 from .loader import LoadedModel
 from .prepare import Prepared, Preparer
 from .request import Choice, GenerationEvent, GenerationOutcome, GenerationRequest, TokenLogprob
 from .sampling import make_generator
+from .scheduler import Scheduler, SchedulerConfig, Task
+from .sequence import GenerationResult, SequenceRun
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,11 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.aborted = threading.Event()
-        self.partial = ""  # text of the choice being generated (Kobold's generate/check)
+        self.partial = ""  # text of choice 0 so far (Kobold's generate/check)
         self.outcome: GenerationOutcome | None = None
         self.logprobs: list[TokenLogprob] | None = None
+        self.left = 0  # sequences not yet ended
+        self.failed = False
 
     def emit(self, event: GenerationEvent) -> None:
         try:
@@ -114,19 +115,21 @@ class JobHandle:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, *, max_queue: int = 6, default_max_tokens: int = 512) -> None:
+    def __init__(self, lm: LoadedModel, *, max_queue: int = 6, default_max_tokens: int = 512,
+                 config: SchedulerConfig | None = None) -> None:
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         self.lm = lm
         self.max_queue = max_queue
         self.default_max_tokens = default_max_tokens
-        self.preparer = Preparer(lm, default_max_tokens)
+        self.config = config or SchedulerConfig()
+        self.sched = Scheduler(lm, self.config)
+        self.preparer = Preparer(lm, default_max_tokens, context_shift=self.config.context_shift)
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self._last: Job | None = None
-        self._kv_tokens: list[int] = []
         self._closed = False
         self._thread = threading.Thread(target=self._worker_main, name="nkat-engine", daemon=True)
         self._thread.start()
@@ -145,16 +148,30 @@ class Engine:
     def token_bytes(self, token_id: int) -> bytes:
         return self.lm.tokenizer.token_bytes(token_id)
 
+    def slot_info(self) -> list[dict]:
+        with self._cond:
+            return self.sched.slot_info()
+
+    def idle(self) -> bool:
+        """Nothing queued, nothing running, every slot free."""
+        with self._cond:
+            return not self._pending and not self._running and self.sched.idle() and \
+                self.sched.free_slots() == len(self.sched.slots)
+
     # --- jobs -----------------------------------------------------------------------------------
     def prepare(self, req: GenerationRequest) -> Prepared:
         """Tokenise and fit (CPU; thread-safe): call it off the event loop."""
         return self.preparer.prepare(req)
 
+    def _full(self) -> bool:
+        """Every free slot is spoken for and ``max_queue`` jobs wait beyond them."""
+        room = max(0, self.sched.free_slots() - len(self.sched.waiting))
+        return len(self._pending) >= self.max_queue + room
+
     def is_full(self) -> bool:
         """True when a new job would be turned away (checked before the work of preparing one)."""
         with self._cond:
-            busy = self._running is not None or bool(self._pending)
-            return self._closed or (busy and len(self._pending) >= self.max_queue)
+            return self._closed or self._full()
 
     def submit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop | None = None) -> JobHandle:
         """Queue a job; :class:`ServerBusyError` when ``max_queue`` jobs already wait."""
@@ -162,8 +179,7 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise ServerBusyError("the server is shutting down")
-            busy = self._running is not None or self._pending
-            if busy and len(self._pending) >= self.max_queue:
+            if self._full():
                 raise ServerBusyError("Server is busy; please try again later.")
             self._pending.append(job)
             self.stats.queued = len(self._pending)
@@ -171,22 +187,25 @@ class Engine:
         return JobHandle(self, job)
 
     def cancel(self, job: Job) -> None:
-        """Abort a job: a running one stops at the next token, a queued one ends at once."""
+        """Abort a job: a running one stops at the next step, a queued one ends at once."""
         job.aborted.set()
         with self._cond:
             if job in self._pending:
                 self._pending.remove(job)
                 self.stats.queued = len(self._pending)
                 self._finish_unrun(job)
+            self._cond.notify_all()
 
     def abort(self, genkey: str = "") -> tuple[bool, bool]:
-        """Kobold's abort: (success, done). An empty key aborts the running job only when nothing
-        waits; a key aborts the running job it names, or the queued one (done = False)."""
+        """Kobold's abort: (success, done). An empty key aborts the running job only when it is
+        the only one and nothing waits; a key aborts the running job it names, or the queued one
+        (done = False)."""
         with self._cond:
-            running = self._running
-            if running is not None and ((not genkey and not self._pending) or (genkey and genkey == running.genkey)):
-                running.aborted.set()
-                return True, True
+            for job in self._running:
+                if (genkey and genkey == job.genkey) or (not genkey and len(self._running) == 1 and not self._pending):
+                    job.aborted.set()
+                    self._cond.notify_all()
+                    return True, True
             if genkey:
                 for job in self._pending:
                     if job.genkey == genkey:
@@ -195,18 +214,19 @@ class Engine:
                         self.stats.queued = len(self._pending)
                         self._finish_unrun(job)
                         return True, False
-            return False, running is None
+            return False, not self._running
 
     def _visible(self, genkey: str) -> Job | None:
         """The running (or last) job that ``genkey`` may look at, after Kobold's privacy rule."""
-        job = self._running or self._last
-        if job is None:
+        if genkey:
+            for job in [*self._running, self._last]:
+                if job is not None and job.genkey == genkey:
+                    return job
             return None
-        if genkey and genkey == job.genkey:
-            return job
-        if not genkey and not job.genkey and not self._pending:
-            return job
-        return None
+        if len(self._running) > 1 or self._pending:
+            return None
+        job = self._running[0] if self._running else self._last
+        return job if job is not None and not job.genkey else None
 
     def check(self, genkey: str = "") -> str:
         """The text generated so far by the running job (Kobold's ``generate/check``)."""
@@ -226,91 +246,111 @@ class Engine:
                 job.aborted.set()
                 self._finish_unrun(job)
             self._pending.clear()
-            if self._running is not None:
-                self._running.aborted.set()
+            for job in self._running:
+                job.aborted.set()
             self._cond.notify_all()
         self._thread.join(timeout=30)
 
     # --- the worker -----------------------------------------------------------------------------
     def _finish_unrun(self, job: Job) -> None:
-        p = job.prepared
-        n = p.request.n
-        outcome = GenerationOutcome(id=job.id, seed=p.seed, max_tokens=p.max_tokens, warnings=p.warnings,
-                                    truncated_tokens=p.truncated_tokens)
-        for pi, pp in enumerate(p.prompts):
-            for k in range(n):
-                outcome.choices.append(Choice(pi * n + k, finish_reason="abort", stop_kind="abort",
-                                              prompt_text=pp.text, prompt_tokens=len(pp.ids)))
-        outcome.prompt_tokens = sum(len(pp.ids) for pp in p.prompts)
+        outcome = self._outcome(job)
+        for pi, pp in enumerate(job.prepared.prompts):
+            for k in range(job.prepared.request.n):
+                outcome.choices.append(Choice(pi * job.prepared.request.n + k, finish_reason="abort",
+                                              stop_kind="abort", prompt_text=pp.text, prompt_tokens=len(pp.ids)))
         job.outcome = outcome
         job.emit(GenerationEvent("done", outcome=outcome))
+
+    @staticmethod
+    def _outcome(job: Job) -> GenerationOutcome:
+        p = job.prepared
+        outcome = GenerationOutcome(id=job.id, seed=p.seed, max_tokens=p.max_tokens, warnings=p.warnings,
+                                    truncated_tokens=p.truncated_tokens)
+        outcome.prompt_tokens = sum(len(pp.ids) for pp in p.prompts)
+        return outcome
 
     def _worker_main(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
+                while not self._pending and self.sched.idle() and not self._closed:
                     self._cond.wait()
-                if self._closed:
+                if self._closed and self.sched.idle():
                     return
-                job = self._pending.popleft()
-                self._running = job
-                self.stats.queued, self.stats.busy = len(self._pending), True
+                while self._pending and self.sched.free_slots() > len(self.sched.waiting):
+                    job = self._pending.popleft()
+                    self._running.append(job)
+                    self._start(job)
+                self.stats.queued, self.stats.busy = len(self._pending), bool(self._running)
             try:
-                self._run(job)
-            except BaseException as exc:  # reported to the caller, never kills the worker
-                log.exception("generation failed")
-                job.emit(GenerationEvent("error", error=exc))
-            finally:
-                with self._cond:
-                    self._running, self._last = None, job
-                    self.stats.busy = False
-                    self.stats.last_end = time.time()
+                self.sched.step()
+            except BaseException:  # pragma: no cover - the scheduler reports failures per sequence
+                log.exception("scheduler step failed")
 
-    def _run(self, job: Job) -> None:
-        p = job.prepared
-        req = p.request
-        outcome = GenerationOutcome(id=job.id, seed=p.seed, max_tokens=p.max_tokens, warnings=p.warnings,
-                                    truncated_tokens=p.truncated_tokens)
-        outcome.prompt_tokens = sum(len(pp.ids) for pp in p.prompts)
+    def _start(self, job: Job) -> None:
+        p, req = job.prepared, job.prepared.request
+        job.outcome = self._outcome(job)
+        job.left = len(p.prompts) * req.n
         want_prompt_lp = req.echo and req.logprobs is not None
-        all_logprobs: list[TokenLogprob] = []
         for pi, pp in enumerate(p.prompts):
             for k in range(req.n):
                 index = pi * req.n + k
-                job.partial = ""
-                res = GenerationResult()
-                stream = generate_stream(
-                    self.lm, pp.ids, pp.max_new, p.params, p.stop, sorted(p.stop_ids),
-                    should_abort=job.aborted.is_set, result=res, generator=make_generator(p.seed + index),
-                    banned_phrases=p.banned_phrases, logprobs=req.logprobs, prompt_logprobs=want_prompt_lp,
-                    include_stop=not req.trim_stop, skip_special=not req.render_special, kv_prefix=self._kv_tokens,
-                )
-                try:
-                    for piece in stream:
-                        job.partial += piece
-                        job.emit(GenerationEvent("text", index=index, text=piece))
-                finally:
-                    self._kv_tokens = res.kv_tokens
+                run = SequenceRun(self.lm, pp.ids, pp.max_new, p.params, p.stop, sorted(p.stop_ids),
+                                  generator=make_generator(p.seed + index), banned_phrases=p.banned_phrases,
+                                  logprobs=req.logprobs, include_stop=not req.trim_stop,
+                                  skip_special=not req.render_special)
+                self.sched.add(Task(run, self._text_sink(job, index), self._end_sink(job, index, pp, run.res),
+                                    job.aborted.is_set, prompt_logprobs=want_prompt_lp,
+                                    cache_prompt=req.cache_prompt))
+
+    def _text_sink(self, job: Job, index: int):
+        def on_text(piece: str) -> None:
+            if index == 0:
+                job.partial += piece
+            job.emit(GenerationEvent("text", index=index, text=piece))
+        return on_text
+
+    def _end_sink(self, job: Job, index: int, pp, res: GenerationResult):
+        def on_end(error: BaseException | None) -> None:
+            req, outcome = job.prepared.request, job.outcome
+            assert outcome is not None
+            job.left -= 1
+            if error is not None and not job.failed:
+                job.failed = True
+                job.aborted.set()
+                job.emit(GenerationEvent("error", error=error))
+            if not job.failed:
+                want_prompt_lp = req.echo and req.logprobs is not None
                 choice = Choice(
                     index, res.text, res.finish_reason, res.stop_kind, res.stop_reason, pp.text, len(pp.ids),
                     len(res.token_ids), res.cached_tokens, list(res.token_ids),
                     list(res.logprobs) if req.logprobs is not None else None,
                     list(res.prompt_logprobs) if want_prompt_lp else None,
                 )
-                all_logprobs.extend(res.logprobs)
                 outcome.choices.append(choice)
                 outcome.completion_tokens += choice.completion_tokens
                 outcome.prefill_seconds += res.prefill_seconds
                 outcome.decode_seconds += res.decode_seconds
-                self._record(res, p.seed + index)
+                with self._cond:
+                    self._record(res, job.prepared.seed + index)
                 job.emit(GenerationEvent("choice", index=index, choice=choice))
-                if job.aborted.is_set():
-                    break
-            if job.aborted.is_set():
-                break
-        job.logprobs = all_logprobs if req.logprobs is not None else None
-        job.outcome = outcome
-        job.emit(GenerationEvent("done", outcome=outcome))
+            if job.left == 0:
+                self._finish(job)
+        return on_end
+
+    def _finish(self, job: Job) -> None:
+        outcome = job.outcome
+        assert outcome is not None
+        outcome.choices.sort(key=lambda c: c.index)
+        req = job.prepared.request
+        if req.logprobs is not None:
+            job.logprobs = [lp for c in outcome.choices for lp in (c.logprobs or [])]
+        with self._cond:
+            self._running.remove(job)
+            self._last = job
+            self.stats.busy = bool(self._running)
+            self.stats.last_end = time.time()
+        if not job.failed:
+            job.emit(GenerationEvent("done", outcome=outcome))
         log.info("job %s: %d prompt + %d generated tokens, prefill %.2f s, decode %.2f s%s", job.id[:8],
                  outcome.prompt_tokens, outcome.completion_tokens, outcome.prefill_seconds, outcome.decode_seconds,
                  " (aborted)" if job.aborted.is_set() else "")

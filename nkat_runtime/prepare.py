@@ -81,10 +81,14 @@ def random_seed() -> int:
     return secrets.randbelow(2**31 - 1) + 1
 
 
+MAX_SHIFTED_CONTEXTS = 64  # with context shift, max_tokens may reach this many contexts
+
+
 class Preparer:
-    def __init__(self, lm: LoadedModel, default_max_tokens: int) -> None:
+    def __init__(self, lm: LoadedModel, default_max_tokens: int, context_shift: bool = False) -> None:
         self.lm = lm
         self.default_max_tokens = default_max_tokens
+        self.context_shift = context_shift
         self.vocab = VocabIndex(lm)
 
     # --- tokens --------------------------------------------------------------------------------
@@ -172,6 +176,8 @@ class Preparer:
                 raise ContextLengthError(f"the prompt has {n_prompt} tokens; the context holds {limit} "
                                          "(and at least one must be left to generate)", n_prompt, limit)
             room = limit - n_prompt
+            if self.context_shift and limit == ctx and requested > room:  # generated past the end by shifting
+                room = MAX_SHIFTED_CONTEXTS * ctx
             requested = _clamp(requested, room, warnings, f"max_tokens {requested} clamped to {room}: the prompt "
                                f"has {n_prompt} tokens and the context holds {limit}")
         else:

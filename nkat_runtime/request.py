@@ -50,6 +50,7 @@ class GenerationRequest:
     parse_special: bool = True  # control-token texts in the prompt become their ids
     overflow: Literal["truncate", "error"] = "truncate"  # prompt too long: cut its head, or refuse
     genkey: str = ""  # Kobold's request key for check / abort
+    cache_prompt: bool = True  # False: compute the whole prompt, reusing no cached entries (llama.cpp)
     dialect: str = "kobold"
     warnings: list[str] = field(default_factory=list)  # things the adapter ignored or changed
 

@@ -175,6 +175,10 @@ def _order_step(vals: torch.Tensor, ids: torch.Tensor, step: int, p: SamplingPar
     return vals
 
 
+def _penalizing(p: SamplingParams) -> bool:
+    return p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
 def _penalties(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], ids: torch.Tensor | None) -> torch.Tensor:
     return sx.apply_penalties(logits, history, p.repeat_penalty, p.repeat_last_n, p.repeat_slope,
                               p.presence_penalty, p.frequency_penalty, ids)
@@ -198,6 +202,10 @@ def sample(
     penalties_first = p.mirostat in (1, 2) or order[0] == REP_PEN
     if penalties_first and (REP_PEN in order or p.mirostat):
         x = _penalties(x, p, history, None)
+    if p.greedy_mode and p.xtc_probability <= 0 and not (REP_PEN in order and _penalizing(p)):
+        # every filter keeps the top token and temperature 0 takes it: skip the chain
+        best = int(torch.argmax(x))
+        return best if bool(torch.isfinite(x[best])) else int(torch.argmax(logits))  # everything banned: raw argmax
     if not bool(torch.isfinite(x).any()):  # everything banned: fall back to the raw argmax
         return int(torch.argmax(logits))
     vals, ids = torch.topk(x, min(PREFILTER, x.numel()))
@@ -218,6 +226,11 @@ def sample(
     if p.greedy_mode:
         return int(ids[int(torch.argmax(vals))])
     probs = torch.softmax(vals, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        # extreme settings (a temperature near float max, a zero penalty) overflowed the chain:
+        # take the best finite candidate rather than fail the request
+        finite = torch.where(torch.isnan(vals), torch.full_like(vals, float("-inf")), vals)
+        return int(ids[int(torch.argmax(finite))]) if bool(torch.isfinite(finite).any()) else int(torch.argmax(logits))
     return int(ids[int(torch.multinomial(probs, 1, generator=generator))])
 
 

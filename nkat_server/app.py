@@ -43,6 +43,7 @@ class ServerConfig:
     password: str | None = None  # Bearer key; None = open server (any Authorization accepted)
     max_body_bytes: int = 32 * 1024 * 1024
     keepalive_seconds: float = 15.0  # SSE comment after this long without output (OpenAI streams)
+    body_timeout_seconds: float = 60.0  # the whole request body must arrive within this (slow uploads: 408)
 
 
 @dataclass
@@ -109,9 +110,12 @@ async def read_json(request: web.Request, state: ServerState, required: bool = T
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), state.config.body_timeout_seconds)
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {state.config.body_timeout_seconds:g} s",
+                       "timeout") from None
     if not raw.strip():
         if required:
             raise ApiError(400, "the request body is empty: a JSON object is expected")
@@ -166,7 +170,14 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 def create_app(state: ServerState) -> web.Application:
     from . import routes_kobold, routes_llamacpp, routes_openai
 
+    from .openapi import document
+
     routes = routes_kobold.routes() + routes_openai.routes() + routes_llamacpp.routes()
+
+    async def openapi(state: ServerState, request: web.Request) -> web.Response:
+        return json_response(document(routes, state.version))
+
+    routes.append(Route("GET", "/openapi.json", openapi, "llamacpp"))
     dispatch = make_dispatcher(state, Router(routes))
     # the body limit is enforced in read_json; aiohttp's own cap is a backstop for chunked uploads
     app = web.Application(client_max_size=state.config.max_body_bytes + 1)

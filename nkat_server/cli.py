@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -18,18 +19,24 @@ from nkat_runtime.cli import common
 log = logging.getLogger("nkat_server")
 
 DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 5001, "max_queue": 6, "max_body": 32.0,
-                            "default_max_tokens": 512, "no_cuda": False, "no_theta": False}
+                            "default_max_tokens": 512, "no_cuda": False, "no_theta": False, "parallel": 0,
+                            "cache_reuse": 32, "noshift": False, "keep": -1, "cache_ram": 1024.0,
+                            "body_timeout": 60.0}
 # [server] key -> argparse attribute (the flags' own names, plus KoboldCpp's spellings)
 SERVER_KEYS = {
     "model": "model", "contextsize": "ctx", "ctx": "ctx", "device": "device", "threads": "threads",
     "no_cuda": "no_cuda", "host": "host", "port": "port", "password": "password", "api_key": "password",
     "theta_gamma": "theta_gamma", "no_theta": "no_theta", "max_queue": "max_queue", "max_body": "max_body",
     "default_max_tokens": "default_max_tokens", "defaultgenamt": "default_max_tokens", "verbose": "verbose",
+    "parallel": "parallel", "cache_reuse": "cache_reuse", "noshift": "noshift", "keep": "keep",
+    "cache_ram": "cache_ram", "body_timeout": "body_timeout",
 }
 TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "password": (str,), "theta_gamma": (int, float), "no_theta": (bool,),
     "max_queue": (int,), "max_body": (int, float), "default_max_tokens": (int,), "no_cuda": (bool,),
-    "model": (str,), "ctx": (int,), "device": (str,), "verbose": (bool,),
+    "model": (str,), "ctx": (int,), "device": (str,), "verbose": (bool,), "parallel": (int,),
+    "cache_reuse": (int,), "noshift": (bool,), "keep": (int,), "cache_ram": (int, float),
+    "body_timeout": (int, float),
 }
 
 
@@ -50,8 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=None,
                    help="requests that may wait while one generates (default 6); more get 503")
     s.add_argument("--max-body", type=float, default=None, help="request size limit in MB (default 32)")
+    s.add_argument("--body-timeout", type=float, default=None,
+                   help="seconds a request body may take to arrive (default 60); slower uploads get 408")
     s.add_argument("--default-max-tokens", "--defaultgenamt", dest="default_max_tokens", type=int, default=None,
                    help="tokens to generate when a request gives no length (default 512)")
+    b = p.add_argument_group("batching and prompt cache")
+    b.add_argument("--parallel", "-np", dest="parallel", type=int, default=None,
+                   help="sequences decoded together, one KV-cache slot each (default 0 = sized to memory, at most 4)")
+    b.add_argument("--cache-reuse", type=int, default=None,
+                   help="reuse cached chunks of at least this many tokens that moved in the prompt, re-rotating "
+                        "their keys (default 32; 0 = the common prefix only)")
+    b.add_argument("--noshift", "--no-context-shift", dest="noshift", action="store_true", default=None,
+                   help="end a generation at the context's end instead of dropping the oldest tokens")
+    b.add_argument("--keep", type=int, default=None,
+                   help="tokens kept at the start on a context shift (default -1 = the BOS token)")
+    b.add_argument("--cache-ram", type=float, default=None,
+                   help="MiB of RAM for the prompt cache of conversations that left their slot (default 1024; 0 = off)")
     t = p.add_argument_group("θ (.nkat files)")
     t.add_argument("--theta-gamma", type=float, default=None, help="override the file's θ strength γ")
     t.add_argument("--no-theta", action="store_true", default=None, help="serve the plain source model")
@@ -73,13 +94,38 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--max-queue must be >= 0")
     if args.max_body <= 0:
         raise ValueError("--max-body must be > 0 (MB)")
+    if args.body_timeout <= 0:
+        raise ValueError("--body-timeout must be > 0 (seconds)")
     if args.default_max_tokens <= 0:
         raise ValueError("--default-max-tokens must be > 0")
+    if args.parallel < 0:
+        raise ValueError("--parallel must be >= 0 (0 = sized to memory)")
+    if args.cache_reuse < 0:
+        raise ValueError("--cache-reuse must be >= 0")
+    if args.cache_ram < 0:
+        raise ValueError("--cache-ram must be >= 0 (MiB)")
     if args.ctx is not None and args.ctx <= 0:
         raise ValueError("--contextsize must be positive")
     if args.password == "":
         args.password = None
     return args
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, password: str | None) -> str | None:
+    """The warning for a server others can reach without a key (None when there is nothing to say)."""
+    if password or is_loopback(host):
+        return None
+    return (f"listening on {host} without --password: anyone who can reach this machine can generate text and "
+            "read the queue; set --password (clients then send 'Authorization: Bearer <key>')")
 
 
 def theta_state(lm: Any, args: argparse.Namespace) -> str:
@@ -117,13 +163,18 @@ async def serve(app: Any, host: str, port: int, banner: str) -> None:
 def build_state(args: argparse.Namespace):
     """Load the model and wrap it in an engine and the server state (no socket yet)."""
     from nkat_runtime.engine import Engine
+    from nkat_runtime.scheduler import SchedulerConfig, auto_slots
 
     from .app import ServerConfig, ServerState
 
     lm = common.load_from_args(args, progress=sys.stderr.isatty(), theta=not args.no_theta,
                                theta_gamma=args.theta_gamma)
-    engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
-    config = ServerConfig(password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024))
+    sched = SchedulerConfig(slots=args.parallel or auto_slots(lm), cache_reuse=args.cache_reuse,
+                            context_shift=not args.noshift, n_keep=args.keep,
+                            cache_ram_bytes=int(args.cache_ram * 2**20))
+    engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, config=sched)
+    config = ServerConfig(password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024),
+                          body_timeout_seconds=args.body_timeout)
     return lm, ServerState(engine, config, lm.path.stem)
 
 
@@ -135,9 +186,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("nkat_server.access").setLevel(logging.INFO if args.verbose else logging.WARNING)
     from .app import create_app
 
+    warning = exposure_warning(args.host, args.password)
+    if warning:
+        log.warning("%s", warning)
     lm, state = build_state(args)
     banner = (f"model {lm.path.name} ({lm.name}, {lm.config.arch}) on {lm.device}, context {lm.context}, "
-              f"{theta_state(lm, args)}, auth {'on' if args.password else 'off'}")
+              f"{theta_state(lm, args)}, {state.engine.config.slots} slot(s), "
+              f"context shift {'off' if args.noshift else 'on'}, auth {'on' if args.password else 'off'}")
     asyncio.run(serve(create_app(state), args.host, args.port, banner))
     return 0
 

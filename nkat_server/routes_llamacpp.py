@@ -43,7 +43,8 @@ async def ping(state: ServerState, request: web.Request) -> web.Response:
 
 
 async def slots(state: ServerState, request: web.Request) -> web.Response:
-    raise ApiError(501, "This server does not support slots endpoint.", "not_supported")
+    """llama.cpp's slot list: each KV-cache slot, whether it is generating, the tokens it holds."""
+    return json_response(state.engine.slot_info())
 
 
 async def props(state: ServerState, request: web.Request) -> web.Response:
@@ -51,7 +52,7 @@ async def props(state: ServerState, request: web.Request) -> web.Response:
     tok = lm.tokenizer
     return json_response({
         "default_generation_settings": _settings(state),
-        "total_slots": 1,
+        "total_slots": state.engine.config.slots,
         "model_path": str(lm.path),
         "chat_template": lm.chat_template or "",
         "bos_token": tok.id_to_token(tok.bos_id) if tok.bos_id is not None else "",

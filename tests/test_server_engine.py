@@ -13,6 +13,7 @@ import pytest
 from nkat_runtime.engine import Engine
 from nkat_runtime.errors import ContextLengthError, InvalidRequestError, ServerBusyError
 from nkat_runtime.loader import load_model
+from nkat_runtime.prepare import Preparer
 from nkat_runtime.request import GenerationRequest
 from nkat_runtime.sampling import SamplingParams
 
@@ -128,7 +129,10 @@ def test_fitting_keeps_memory_and_cuts_the_prompt_head(engine):
 def test_openai_style_overflow_is_an_error_and_length_is_clamped(engine):
     with pytest.raises(ContextLengthError):
         engine.prepare(req("the and of " * 2000, overflow="error"))
-    p = engine.prepare(req("the", overflow="error", max_tokens=5000))
+    p = engine.prepare(req("the", overflow="error", max_tokens=5000))  # context shift on: allowed past the end
+    assert p.prompts[0].max_new == 5000 and not p.warnings
+    no_shift = Preparer(engine.lm, 16, context_shift=False)
+    p = no_shift.prepare(req("the", overflow="error", max_tokens=5000))
     assert p.prompts[0].max_new == engine.context - len(p.prompts[0].ids) and p.warnings
     with pytest.raises(InvalidRequestError):
         engine.prepare(req(""))
@@ -138,13 +142,17 @@ def test_openai_style_overflow_is_an_error_and_length_is_clamped(engine):
 
 def test_queue_limit_and_cancelling_a_queued_job(engine):
     async def go():
-        with engine._cond:  # hold the worker back: both jobs stay queued
+        with engine._cond:  # hold the worker back: the jobs stay queued
+            # one slot is free and --max-queue is 1: two jobs are taken, the third is turned away
             first = engine.submit(engine.prepare(req(max_tokens=2)))
+            second = engine.submit(engine.prepare(req(max_tokens=2)))
             with pytest.raises(ServerBusyError):
                 engine.submit(engine.prepare(req(max_tokens=2)))
             first.cancel()
-        outcome = await first.result()
-        assert outcome.choices[0].finish_reason == "abort" and outcome.choices[0].text == ""
+            second.cancel()
+        for handle in (first, second):
+            outcome = await handle.result()
+            assert outcome.choices[0].finish_reason == "abort" and outcome.choices[0].text == ""
 
     asyncio.run(go())
 
@@ -184,7 +192,7 @@ def test_keyless_abort_stops_the_running_job(engine):
 
 
 def test_stream_never_splits_a_utf8_character(engine, monkeypatch):
-    import nkat_runtime.generation as generation
+    import nkat_runtime.sequence as generation
 
     raw = "😀é".encode()  # 4 + 2 bytes, one byte-fallback token each (ids 3 + byte in the tiny vocab)
     script = iter([3 + b for b in raw])

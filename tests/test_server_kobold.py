@@ -25,7 +25,7 @@ KOBOLD_FRAME = re.compile(r"event: message\ndata: (\{[^\n]*\})\n\n")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("kobold-server"), "--max-queue", "2")
+    srv = Server(tmp_path_factory.mktemp("kobold-server"), "--max-queue", "2", "--parallel", "1")
     yield srv
     srv.stop()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 
@@ -12,7 +14,7 @@ KEY = "sekrit-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("openai-server"), "--password", KEY)
+    srv = Server(tmp_path_factory.mktemp("openai-server"), "--password", KEY, "--parallel", "3")
     yield srv
     srv.stop()
 
@@ -106,3 +108,22 @@ def test_openai_errors_are_openai_shaped(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="any", prompt="word " * 5000, max_tokens=1)
     assert err.value.body["code"] == "context_length_exceeded"
+
+
+def test_concurrent_streams_each_get_their_own_text(server, client):
+    """Three streams decoded together (--parallel 3) give what each gives alone (greedy, same seed)."""
+    prompts = ["The capital of France is", "def add(a, b):", "My favourite fruit is"]
+
+    def text(prompt: str) -> str:
+        chunks = client.completions.create(model="any", prompt=prompt, max_tokens=16, temperature=0, seed=3,
+                                           stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    alone = [text(p) for p in prompts]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(text, prompts))
+    assert together == alone and len(set(alone)) == 3
+    auth = {"Authorization": f"Bearer {KEY}"}
+    slots = server.get("/slots", headers=auth).json()
+    assert [s["id"] for s in slots] == [0, 1, 2] and not any(s["is_processing"] for s in slots)
+    assert server.get("/props", headers=auth).json()["total_slots"] == 3

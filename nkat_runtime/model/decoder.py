@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Attention, FeedForward, KVCache, RMSNorm, Rotary, attention_mask
+from .layers import Attention, FeedForward, KVCache, RMSNorm, Rotary, Rows, attention_mask
 
 
 class WeightSource(Protocol):
@@ -57,9 +57,10 @@ class Block(nn.Module):
         self.post_ffw_norm = norm("post_ffw_norm") if cfg.post_norms else None
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
+                rows: Rows | None = None) -> torch.Tensor:
         assert self.cache is not None, "call setup_caches() first"
-        h = self.attn(self.attn_norm(x), pos, self.cache, mask, kv_len)
+        h = self.attn(self.attn_norm(x), pos, self.cache, mask, kv_len, rows)
         if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
         x = x + h
@@ -116,6 +117,33 @@ class DecoderModel(nn.Module):
             layer.cache = KVCache(max_batch, cfg.n_head_kv, max_seq, cfg.head_dim, dtype, device)
         self.max_seq, self.max_batch = max_seq, max_batch
 
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one cached token takes in one cache row (every layer, K and V)."""
+        c = self.layers[0].cache
+        assert c is not None, "call setup_caches() first"
+        return len(self.layers) * 2 * c.k.shape[1] * c.k.shape[3] * c.k.element_size()
+
+    @torch.inference_mode()
+    def shift_kv(self, row: int, src: int, dst: int, n: int) -> None:
+        """Move ``n`` cached positions of cache row ``row`` from ``src`` to ``dst`` in every layer,
+        re-rotating the keys by ``dst - src`` (context shift, reuse of a moved chunk)."""
+        for layer in self.layers:
+            assert layer.cache is not None
+            layer.cache.move(row, src, dst, n, layer.attn.rotary)
+
+    @torch.inference_mode()
+    def read_kv(self, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of the first ``n`` cached positions of ``row``, per layer (K, V)."""
+        return [(l.cache.k[row, :, :n].clone(), l.cache.v[row, :, :n].clone()) for l in self.layers]  # type: ignore[union-attr]
+
+    @torch.inference_mode()
+    def write_kv(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
+        """Put the first ``n`` positions of a :meth:`read_kv` copy back into ``row``."""
+        for layer, (k, v) in zip(self.layers, kv):
+            assert layer.cache is not None
+            layer.cache.k[row, :, :n] = k[:, :n]
+            layer.cache.v[row, :, :n] = v[:, :n]
+
     @torch.inference_mode()
     def forward(
         self,
@@ -124,41 +152,55 @@ class DecoderModel(nn.Module):
         kv_len: int | None = None,
         last_only: bool = False,
         logits_from: int = 0,
+        rows: list[int] | None = None,
     ) -> torch.Tensor:
-        """tokens [B, T] at positions ``input_pos`` [T] → float32 logits [B, T', V].
+        """tokens [B, T] at positions ``input_pos`` [T] (or [B, T], one row per sequence) →
+        float32 logits [B, T', V].
 
-        ``last_only`` keeps the last position only; ``logits_from`` skips the first positions
-        (the LM head is the largest matmul: perplexity needs only the second half).
+        ``rows`` names the cache row (slot) of each sequence (default 0 .. B-1). ``last_only``
+        keeps the last position only; ``logits_from`` skips the first positions (the LM head is
+        the largest matmul: perplexity needs only the second half).
         """
         if kv_len is None:
-            kv_len = int(input_pos[-1]) + 1
+            kv_len = int(input_pos.max()) + 1
         if kv_len > self.max_seq:
             raise ValueError(f"position {kv_len - 1} is beyond the cache ({self.max_seq} tokens)")
         cfg = self.config
         x = self.token_embd(tokens)
         if cfg.embed_scale != 1.0:
             x = x * cfg.embed_scale
-        mask_global = attention_mask(input_pos, kv_len)
-        mask_local = attention_mask(input_pos, kv_len, cfg.sliding_window) if any(cfg.swa_layers) else None
+        r = Rows(rows if rows is not None else list(range(tokens.shape[0])), tokens.device) \
+            if rows is not None or input_pos.dim() == 2 else None
+        if input_pos.dim() == 2 and tokens.shape[0] > 1 and tokens.shape[1] == 1:
+            # batched decode: every sequence gets the mask it would get alone (see Attention)
+            assert r is not None
+            r.lengths = [p + 1 for p in input_pos[:, 0].tolist()]
+            mask_global: torch.Tensor | list | None = [attention_mask(input_pos[b : b + 1], n)
+                                                       for b, n in enumerate(r.lengths)]
+            mask_local: torch.Tensor | list | None = [attention_mask(input_pos[b : b + 1], n, cfg.sliding_window)
+                                                      for b, n in enumerate(r.lengths)] if any(cfg.swa_layers) else None
+        else:
+            mask_global = attention_mask(input_pos, kv_len)
+            mask_local = attention_mask(input_pos, kv_len, cfg.sliding_window) if any(cfg.swa_layers) else None
         if self._decode_step is not None and tokens.shape[1] == 1:
-            return self._decode_step(x, input_pos, mask_global, mask_local, kv_len)
-        x = self._layers(x, input_pos, mask_global, mask_local, kv_len)
+            return self._decode_step(x, input_pos, mask_global, mask_local, kv_len, r)
+        x = self._layers(x, input_pos, mask_global, mask_local, kv_len, r)
         if last_only:
             x = x[:, -1:]
         elif logits_from:
             x = x[:, logits_from:]
         return self.output(self.output_norm(x)).float()
 
-    def _layers(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | None,
-                mask_local: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | list | None,
+                mask_local: torch.Tensor | list | None, kv_len: int, rows: Rows | None = None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, pos, mask_local if layer.is_swa else mask_global, kv_len)
+            x = layer(x, pos, mask_local if layer.is_swa else mask_global, kv_len, rows)
         return x
 
-    def _decode(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | None,
-                mask_local: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | list | None,
+                mask_local: torch.Tensor | list | None, kv_len: int, rows: Rows | None = None) -> torch.Tensor:
         """One decode step after the embedding: what ``compile_decode`` compiles."""
-        x = self._layers(x, pos, mask_global, mask_local, kv_len)
+        x = self._layers(x, pos, mask_global, mask_local, kv_len, rows)
         return self.output(self.output_norm(x)).float()
 
     def compile_decode(self, mode: str | None = None) -> None:

@@ -33,7 +33,9 @@ class Rotary(nn.Module):
         super().__init__()
         self.rot_dim = rot_dim
         self.neox = neox
+        self.scale = scale
         inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+        self.inv_freq = inv_freq
         pos = torch.arange(max_pos, dtype=torch.float64) / scale
         angles = torch.outer(pos, inv_freq)  # [max_pos, rot_dim/2]
         self.register_buffer("cos", angles.cos().float(), persistent=False)
@@ -41,8 +43,15 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, D], pos: [T] (or [B, T]) positions."""
-        cos = self.cos[pos].unsqueeze(-2)  # [..., T, 1, rot/2]
-        sin = self.sin[pos].unsqueeze(-2)
+        return self._rotate(x, self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2))  # [..., T, 1, rot/2]
+
+    def shift(self, x: torch.Tensor, delta: int) -> torch.Tensor:
+        """Move already-rotated keys ``x`` [..., D] by ``delta`` positions (rotations compose)."""
+        angles = (delta / self.scale) * self.inv_freq
+        cos, sin = angles.cos().float().to(x.device), angles.sin().float().to(x.device)
+        return self._rotate(x, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot_dim].float(), x[..., self.rot_dim :]
         if self.neox:
             x1, x2 = rot.chunk(2, dim=-1)
@@ -54,8 +63,21 @@ class Rotary(nn.Module):
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
+class Rows:
+    """Which cache rows (slots) a batch's sequences use: row ``index[b]`` for sequence ``b``.
+
+    ``start`` is set when the rows are consecutive (``start .. start + B - 1``): the cache is then
+    read as a view; scattered rows are gathered (a copy).
+    """
+
+    def __init__(self, rows: list[int], device) -> None:
+        self.index = torch.tensor(rows, dtype=torch.long, device=device)
+        self.start = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+        self.lengths: list[int] | None = None  # batched decode: each sequence's own key count
+
+
 class KVCache(nn.Module):
-    """Static per-layer cache [B, H_kv, S_max, D]; slot index = token position."""
+    """Static per-layer cache [slots, H_kv, S_max, D]; index on the third axis = token position."""
 
     def __init__(self, batch: int, n_head_kv: int, max_seq: int, head_dim: int, dtype: torch.dtype, device) -> None:
         super().__init__()
@@ -63,19 +85,39 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, H_kv, T, D] at ``pos`` and return the first ``kv_len`` slots."""
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
+               rows: Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, H_kv, T, D] at ``pos`` ([T], or [B, T] per sequence) in ``rows`` (default
+        0 .. B-1) and return the first ``kv_len`` positions of those rows."""
         batch = k.shape[0]
-        self.k[:batch].index_copy_(2, pos, k.to(self.k.dtype))
-        self.v[:batch].index_copy_(2, pos, v.to(self.v.dtype))
-        return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+        if rows is None and pos.dim() == 1:
+            self.k[:batch].index_copy_(2, pos, k.to(self.k.dtype))
+            self.v[:batch].index_copy_(2, pos, v.to(self.v.dtype))
+            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+        index = rows.index if rows is not None else torch.arange(batch, device=k.device)
+        p = pos if pos.dim() == 2 else pos.unsqueeze(0).expand(batch, -1)
+        self.k[index.unsqueeze(1), :, p] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, H, D] at (row, pos)
+        self.v[index.unsqueeze(1), :, p] = v.transpose(1, 2).to(self.v.dtype)
+        start = 0 if rows is None else rows.start
+        if start is not None:
+            return self.k[start : start + batch, :, :kv_len], self.v[start : start + batch, :, :kv_len]
+        return self.k[index, :, :kv_len], self.v[index, :, :kv_len]
+
+    def move(self, row: int, src: int, dst: int, n: int, rotary: "Rotary") -> None:
+        """Move ``n`` cached positions of ``row`` from ``src`` to ``dst``, re-rotating the keys."""
+        if n <= 0 or src == dst:
+            return
+        k = self.k[row, :, src : src + n].clone()
+        self.k[row, :, dst : dst + n] = rotary.shift(k.float(), dst - src).to(self.k.dtype)
+        self.v[row, :, dst : dst + n] = self.v[row, :, src : src + n].clone()
 
 
 def attention_mask(pos: torch.Tensor, kv_len: int, window: int = 0) -> torch.Tensor | None:
-    """Boolean [T, kv_len] mask: key s is visible to query at p when s ≤ p (and p - s < window).
+    """Boolean mask: key s is visible to the query at p when s ≤ p (and p - s < window).
 
-    Returns None when every key is visible (one decode step with no window), so SDPA takes
-    its unmasked path.
+    ``pos`` [T] gives [T, kv_len]; per-sequence ``pos`` [B, T] gives [B, 1, T, kv_len]. Returns
+    None when every key is visible (one decode step with no window), so SDPA takes its unmasked
+    path.
     """
     keys = torch.arange(kv_len, device=pos.device)
     p = pos.unsqueeze(-1)
@@ -84,7 +126,7 @@ def attention_mask(pos: torch.Tensor, kv_len: int, window: int = 0) -> torch.Ten
         allowed = allowed & (p - keys < window)
     if pos.numel() == 1 and bool(allowed.all()):
         return None
-    return allowed
+    return allowed.unsqueeze(1) if pos.dim() == 2 else allowed
 
 
 class Attention(nn.Module):
@@ -109,7 +151,8 @@ class Attention(nn.Module):
         self.attn_q_norm, self.attn_k_norm = q_norm, k_norm
 
     def forward(
-        self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor | None, kv_len: int
+        self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor | list | None, kv_len: int,
+        rows: Rows | None = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.attn_q(x).view(bsz, seqlen, self.n_head, self.head_dim)
@@ -122,13 +165,20 @@ class Attention(nn.Module):
         q = self.rotary(q, pos).transpose(1, 2)
         k = self.rotary(k, pos).transpose(1, 2)
         v = v.transpose(1, 2)
-        k_all, v_all = cache.update(pos, k, v, kv_len)
-        out = F.scaled_dot_product_attention(
-            q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, scale=self.scale,
-            enable_gqa=self.n_head != self.n_head_kv,
-        )
+        k_all, v_all = cache.update(pos, k, v, kv_len, rows)
+        if isinstance(mask, list):  # batched decode: each sequence attends over its own keys, as it would alone
+            assert rows is not None and rows.lengths is not None
+            out = torch.cat([self._sdpa(q[b : b + 1], k_all[b : b + 1, :, :n], v_all[b : b + 1, :, :n], mask[b])
+                             for b, n in enumerate(rows.lengths)])
+        else:
+            out = self._sdpa(q, k_all, v_all, mask)
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_head * self.head_dim)
         return self.attn_output(out)
+
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale,
+                                              enable_gqa=self.n_head != self.n_head_kv)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

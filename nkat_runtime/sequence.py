@@ -1,0 +1,300 @@
+"""One sequence's generation after its prompt: sample a token from the logits of the last fed
+token, decide what text is safe to show, and name the next token to feed.
+
+:class:`SequenceRun` is a state machine that never calls the model: a driver feeds it logits,
+one decode step at a time, and does what it asks (feed this token, after dropping that many
+from the cache tail). :func:`nkat_runtime.generation.generate_stream` drives one sequence; the
+engine's scheduler drives many in one batched forward.
+
+Streaming pieces never split a UTF-8 character and never show a stop string or a banned phrase
+(text that might begin one is held back until it is clear). A banned phrase that appears anyway
+is undone by backtracking: the tokens from the one where it started are dropped, that token is
+banned at that position, and sampling resumes there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .loader import LoadedModel
+from .request import TokenLogprob
+from .sampling import SamplerState, SamplingParams, make_generator, sample
+from .tokenizer import StreamDecoder
+
+MAX_BACKTRACKS = 256  # banned-phrase rollbacks per generation before phrases are ignored
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (EOS/EOT or stop string) | "length" | "abort"
+    stop_reason: str | None = None  # the stop string or token text that ended it
+    stop_kind: str = "length"  # "eos" | "stop_string" | "length" | "abort"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV entries were reused
+    shifted_tokens: int = 0  # tokens dropped by context shifts while generating
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token in token_ids (when asked)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token (when asked)
+    kv_tokens: list[int] = field(default_factory=list)  # tokens whose KV entries now sit at positions 0..n-1
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(0, len(self.token_ids) - 1)  # the first token comes from the prefill
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class StopMatcher:
+    """Finds stop strings in a growing text; tells how much text is safe to emit."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+
+    def find(self, text: str, start: int) -> tuple[int, str] | None:
+        best: tuple[int, str] | None = None
+        for s in self.stops:
+            i = text.find(s, max(0, start - len(s) + 1))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    def safe_length(self, text: str) -> int:
+        """Length of the prefix of ``text`` that cannot be the start of a stop string."""
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        return len(text) - hold
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PhraseBans:
+    """Case-insensitive banned phrases: where one appears, and how much text could still start one."""
+
+    def __init__(self, phrases: Sequence[str]) -> None:
+        self.phrases = sorted({_fold(p) for p in phrases if len(p) > 1}, key=len)
+        self.longest = max((len(p) for p in self.phrases), default=0)
+
+    def __bool__(self) -> bool:
+        return bool(self.phrases)
+
+    def find(self, text: str, start: int) -> int | None:
+        """The earliest index >= ``start - longest + 1`` where a phrase begins."""
+        lo = max(0, start - self.longest + 1)
+        window = _fold(text[lo:])
+        hits = [i for i in (window.find(p) for p in self.phrases) if i >= 0]
+        return lo + min(hits) if hits else None
+
+    def hold(self, text: str) -> int:
+        """Characters at the end of ``text`` that could be the beginning of a phrase."""
+        tail = _fold(text[-self.longest:]) if self.phrases else ""
+        best = 0
+        for p in self.phrases:
+            for n in range(min(len(p) - 1, len(tail)), best, -1):
+                if tail.endswith(p[:n]):
+                    best = n
+                    break
+        return best
+
+
+def _fold(text: str) -> str:
+    """Lower case, one character for one (so offsets stay valid)."""
+    return "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+
+
+def token_logprob(lm: LoadedModel, logp: torch.Tensor, tok: int, top_n: int) -> TokenLogprob:
+    tokenizer = lm.tokenizer
+
+    def entry(i: int, value: float | None) -> TokenLogprob:
+        raw = tokenizer.token_bytes(i)
+        return TokenLogprob(i, raw.decode("utf-8", errors="replace"), value, list(raw))
+
+    out = entry(tok, float(logp[tok]))
+    if top_n > 0:
+        vals, ids = torch.topk(logp, top_n)
+        out.top = [entry(int(i), float(v)) for v, i in zip(vals.tolist(), ids.tolist())]
+    return out
+
+
+@dataclass
+class Feed:
+    """What a driver does next for a sequence: drop ``drop`` tokens from the tail of its cached
+    tokens, then run ``token`` at the next position and hand the logits to :meth:`SequenceRun.step`."""
+
+    token: int
+    drop: int = 0
+
+
+class SequenceRun:
+    """Sampling, stop rules, banned phrases and streamed text of one sequence."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        prompt: Sequence[int],
+        max_new: int,
+        params: SamplingParams,
+        stop: Sequence[str] = (),
+        stop_ids: Sequence[int] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        banned_phrases: Sequence[str] = (),
+        logprobs: int | None = None,
+        include_stop: bool = False,
+        skip_special: bool = True,
+        result: GenerationResult | None = None,
+    ) -> None:
+        params.validate()
+        self.lm, self.prompt, self.max_new, self.params = lm, list(prompt), max_new, params
+        self.res = result if result is not None else GenerationResult()
+        self.res.prompt_tokens = len(self.prompt)
+        self.stops = StopMatcher(stop)
+        self.bans = PhraseBans(banned_phrases)
+        self.stop_set = set(lm.tokenizer.stop_ids if stop_ids is None else stop_ids)
+        self.gen = generator if generator is not None else make_generator(params.seed)
+        self.logprobs, self.include_stop, self.skip_special = logprobs, include_stop, skip_special
+        self.state = SamplerState()
+        self.history = list(self.prompt)
+        self.decoder = StreamDecoder(lm.tokenizer, skip_special=skip_special)
+        self.offsets: list[int] = []  # text length after each generated token
+        self.position_bans: dict[int, set[int]] = {}
+        self.backtracks = 0
+        self.text, self.emitted = "", 0
+        self.hit_stop_string: str | None = None
+        self.first_logits: torch.Tensor | None = None
+        self.fed = 0  # generated tokens whose KV entries the driver holds
+        self.done = False
+        self.started = 0.0
+
+    # --- the prompt ------------------------------------------------------------------------------
+    def prompt_logits(self, logits: torch.Tensor, start: int) -> None:
+        """Record the log-probabilities of prompt tokens ``start+1 ..`` from the logits [T, V] of
+        prompt positions ``start ..`` (OpenAI's echo with logprobs)."""
+        res = self.res
+        if not res.prompt_logprobs:
+            first = self.lm.tokenizer.token_bytes(self.prompt[0])
+            res.prompt_logprobs.append(TokenLogprob(self.prompt[0], first.decode("utf-8", errors="replace"),
+                                                    None, list(first)))
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        for j in range(logits.shape[0]):
+            if start + j + 1 < len(self.prompt):
+                res.prompt_logprobs.append(token_logprob(self.lm, logp[j], self.prompt[start + j + 1],
+                                                         self.logprobs or 0))
+
+    def end_prompt(self, prefill_seconds: float) -> Feed | None:
+        """The prompt is in the cache except its last token: that one is fed as the first decode
+        step (so a repeated request computes it with the same kernel and batch shape). None when
+        nothing is to be generated."""
+        res = self.res
+        if res.prompt_logprobs:
+            offset, dec = 0, StreamDecoder(self.lm.tokenizer, skip_special=self.skip_special)
+            for entry in res.prompt_logprobs:
+                entry.text_offset = offset
+                offset += len(dec.feed(entry.token_id))
+        res.prefill_seconds = prefill_seconds
+        self.started = time.perf_counter()
+        if self.max_new <= 0:
+            self.finish()
+            return None
+        return Feed(self.prompt[-1])
+
+    # --- decode ----------------------------------------------------------------------------------
+    def step(self, logits: torch.Tensor) -> tuple[str, Feed | None]:
+        """Sample after the last fed token; returns the text now safe to show and the next feed
+        (None: the sequence is finished, and the text includes its end)."""
+        res = self.res
+        if self.first_logits is None:
+            self.first_logits = logits
+        while True:
+            step = len(res.token_ids)
+            step_logits = logits
+            if step in self.position_bans:
+                step_logits = logits.clone()
+                step_logits[list(self.position_bans[step])] = float("-inf")
+            tok = sample(step_logits, self.params, self.history, self.gen, self.state)
+            if tok in self.stop_set:
+                res.finish_reason, res.stop_kind, res.stop_reason = "stop", "eos", self.lm.tokenizer.id_to_token(tok)
+                return self.finish(), None
+            if self.logprobs is not None:
+                entry = token_logprob(self.lm, torch.log_softmax(logits.float(), dim=-1), tok, self.logprobs)
+                entry.text_offset = len(self.text)
+                res.logprobs.append(entry)
+            res.token_ids.append(tok)
+            self.history.append(tok)
+            self.text += self.decoder.feed(tok)
+            self.offsets.append(len(self.text))
+            if self.bans and self.backtracks < MAX_BACKTRACKS:
+                at = self.bans.find(self.text, self.offsets[-2] if len(self.offsets) > 1 else 0)
+                if at is not None:  # undo from the token where the phrase starts, ban it there, resample
+                    t = next(i for i, end in enumerate(self.offsets) if end > at)
+                    self.position_bans.setdefault(t, set()).add(res.token_ids[t])
+                    self.backtracks += 1
+                    del res.token_ids[t:], self.offsets[t:], self.history[len(self.prompt) + t :]
+                    del res.logprobs[t:]
+                    self.decoder = StreamDecoder(self.lm.tokenizer, skip_special=self.skip_special)
+                    self.text = "".join(self.decoder.feed(i) for i in res.token_ids)
+                    if t == 0:
+                        logits = self.first_logits
+                        continue
+                    return "", self._feed(res.token_ids[t - 1], t - 1)
+            hit = self.stops.find(self.text, self.emitted)
+            if hit is not None:
+                self.text = self.text[: hit[0] + (len(hit[1]) if self.include_stop else 0)]
+                res.finish_reason, res.stop_kind, res.stop_reason = "stop", "stop_string", hit[1]
+                self.hit_stop_string = hit[1]
+                return self.finish(), None
+            piece = ""
+            text = self.text
+            safe = min(self.stops.safe_length(text), len(text) - self.bans.hold(text) if self.bans else len(text))
+            if self.bans and safe < len(text):  # hold back whole tokens, so a rollback never retracts text
+                safe = max([0] + [end for end in self.offsets if end <= safe])
+            if safe > self.emitted:
+                piece = text[self.emitted : safe]
+                self.emitted = safe
+            if len(res.token_ids) >= self.max_new:
+                return piece + self.finish(), None
+            return piece, self._feed(tok, len(res.token_ids) - 1)
+
+    def _feed(self, token: int, keep: int) -> Feed:
+        """Feed ``token`` after keeping ``keep`` generated tokens in the cache."""
+        drop, self.fed = self.fed - keep, keep + 1
+        return Feed(token, drop)
+
+    def finish(self, reason: str | None = None) -> str:
+        """End the sequence (``reason`` "abort" or "length" when it ends from outside); returns
+        the text not yet shown."""
+        if self.done:
+            return ""
+        res = self.res
+        self.done = True
+        if reason is not None:
+            res.finish_reason = res.stop_kind = reason
+        if res.finish_reason == "length":
+            res.stop_kind = "length"
+        if self.hit_stop_string is None:
+            self.text += self.decoder.flush()
+        piece = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        res.text = self.text
+        res.decode_seconds = time.perf_counter() - self.started if self.started else 0.0
+        return piece
