@@ -20,8 +20,22 @@ def temp_beside(target: str | os.PathLike[str]) -> Path:
 
 
 def publish(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Give ``tmp`` the default file mode and rename it to ``target`` (atomic on one filesystem)."""
+    """Give ``tmp`` the default file mode, flush it to disk and rename it to ``target`` (atomic on
+    one filesystem): a reader, a crash or a kill sees the old file or the whole new one."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, target)
+    try:  # the rename itself: best effort (some filesystems refuse fsync on a folder)
+        dfd = os.open(Path(target).resolve().parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass

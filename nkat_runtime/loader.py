@@ -22,6 +22,7 @@ from .gguf_io import GGUFFile, open_gguf
 from .linear import DenseLinear
 from .packed import DenseEmbedding, QuantEmbedding, pack_linear
 from .model import DecoderModel, ModelConfig, config_for
+from .model.checks import check_tensors, validate_config
 from .theta import ThetaFactors, ThetaLinear, theta_tensor_names
 from .tokenizer import Tokenizer
 
@@ -235,8 +236,9 @@ def load_model(
         kind, name = unsupported[0]
         raise UnsupportedError(f"{gguf.path.name}: tensor type {kind} (e.g. tensor {name}) is not supported; "
                                f"supported: {', '.join(quant.type_name(t) for t in sorted(quant.SUPPORTED_TYPES))}")
-    gguf.tensor("token_embd.weight")  # a clear error when it is missing
+    validate_config(cfg)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    check_tensors(cfg, gguf.tensors, tokenizer.vocab_size)
     n_ctx = min(context or DEFAULT_CONTEXT, cfg.context_length) if not context else context
     if n_ctx <= 0:
         raise ValueError("context size must be positive")

@@ -142,7 +142,7 @@ class Tokenizer:
 
         def ident(key: str) -> int | None:
             value = meta.get(f"tokenizer.ggml.{key}")
-            return int(value) if value is not None and 0 <= int(value) < n else None
+            return value if isinstance(value, int) and 0 <= value < n else None
 
         self._bos_id, self._eos_id = ident("bos_token_id"), ident("eos_token_id")
         add_bos = bool(_get(meta, "tokenizer.ggml.add_bos_token", backend.default_bos))
@@ -319,7 +319,9 @@ def _build_spm(meta: dict[str, Any], tokens: list[str], types: list[int]) -> _Ba
     by_position = str(meta.get("general.architecture", "")) in _GEMMA_ARCHS or not scores
     if not by_position and len(scores) != n:
         raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
-    unk_id = int(_get(meta, "tokenizer.ggml.unknown_token_id", 0))
+    unk_id = _get(meta, "tokenizer.ggml.unknown_token_id", 0)
+    if not isinstance(unk_id, int) or not 0 <= unk_id < n:
+        raise TokenizerError(f"tokenizer.ggml.unknown_token_id {unk_id!r} is outside the vocabulary ({n} tokens)")
     proto = pb.ModelProto()
     proto.trainer_spec.MergeFrom(pb.TrainerSpec(model_type=pb.TrainerSpec.BPE, vocab_size=n, unk_id=unk_id,
                                                 bos_id=-1, eos_id=-1, pad_id=-1))

@@ -12,7 +12,7 @@ from nkat_runtime.errors import InvalidRequestError
 from nkat_runtime.request import Choice
 
 from .app import Route, ServerState, json_response, read_json
-from .errors import ApiError
+from .errors import ApiError, classify, error_payload
 from .jobs import events_with_keepalive, run_to_end, stream_guard, submit, warning_headers
 from .sse import SSEWriter
 
@@ -81,8 +81,10 @@ async def generate_stream(state: ServerState, request: web.Request) -> web.Strea
                 choice = last or (event.outcome.choices[0] if event.outcome and event.outcome.choices else None)
                 if choice is not None:
                     await writer.event("message", kobold.stream_end(choice))
-            elif event.kind == "error":
-                return  # KoboldCpp just closes the stream on an error
+            elif event.kind == "error" and event.error is not None:
+                # KoboldCpp just closes the stream; an "error" event (which Lite ignores) says why
+                await writer.event("error", error_payload("kobold", classify(event.error)))
+                return
             yield None
 
     return await stream_guard(handle, writer, body())

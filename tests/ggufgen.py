@@ -45,6 +45,7 @@ def write_tiny_model(
     context: int = 256,
     sliding_window: int = 4,
     seed: int = 0,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a random-weight model of ``arch`` (llama, qwen2 or gemma3) to ``path``."""
     rng = np.random.default_rng(seed)
@@ -74,6 +75,8 @@ def write_tiny_model(
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_space_prefix(True)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     def rnd(*shape: int, scale: float = 0.08) -> np.ndarray:
         return rng.standard_normal(shape).astype(np.float32) * scale

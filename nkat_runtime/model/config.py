@@ -12,6 +12,11 @@ from typing import Any
 from ..errors import ModelFormatError
 
 
+# counts a model may have (far above any released model; they bound what a crafted file can allocate)
+COUNT_CAPS = {"n_layer": 1024, "n_embd": 1 << 17, "n_head": 4096, "n_head_kv": 4096, "head_dim": 1 << 13,
+              "n_ff": 1 << 20, "vocab_size": 1 << 22, "context_length": 1 << 24, "rope_dim": 1 << 13}
+
+
 @dataclass
 class ModelConfig:
     arch: str
@@ -41,6 +46,10 @@ class ModelConfig:
     tied_output: bool = False
 
     def __post_init__(self) -> None:
+        for name, cap in COUNT_CAPS.items():  # before anything is sized by them
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= cap:
+                raise ModelFormatError(f"model hyper-parameter {name} = {value!r} is outside 1..{cap}")
         if not self.swa_layers:
             self.swa_layers = [False] * self.n_layer
         if self.attn_scale == 0.0:
@@ -64,6 +73,13 @@ def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
     return out
 
 
+def _float(meta: dict[str, Any], key: str, default: float) -> float:
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelFormatError(f"metadata key {key!r} is not a number: {value!r}")
+    return float(value)
+
+
 def base_config(meta: dict[str, Any], arch: str, vocab_size: int) -> ModelConfig:
     """The keys every llama-like architecture shares (``<arch>.block_count`` etc.)."""
     p = f"{arch}."
@@ -78,7 +94,7 @@ def base_config(meta: dict[str, Any], arch: str, vocab_size: int) -> ModelConfig
     scale = 1.0
     scaling_type = meta.get(p + "rope.scaling.type")
     if scaling_type in ("linear",):
-        scale = float(meta.get(p + "rope.scaling.factor", 1.0) or 1.0)
+        scale = _float(meta, p + "rope.scaling.factor", 1.0) or 1.0
     elif scaling_type not in (None, "none"):
         from ..errors import UnsupportedError
 
@@ -92,9 +108,9 @@ def base_config(meta: dict[str, Any], arch: str, vocab_size: int) -> ModelConfig
         head_dim=head_dim,
         n_ff=_int(meta, p + "feed_forward_length"),
         vocab_size=vocab_size,
-        rms_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        rms_eps=_float(meta, p + "attention.layer_norm_rms_epsilon", 1e-6),
         context_length=_int(meta, p + "context_length", 4096),
-        rope_base=float(meta.get(p + "rope.freq_base", 10_000.0)),
+        rope_base=_float(meta, p + "rope.freq_base", 10_000.0),
         rope_dim=_int(meta, p + "rope.dimension_count", head_dim),
         rope_scale=scale,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import ModelConfig, base_config
+from .config import ModelConfig, _float, _int, base_config
 
 DEFAULT_SWA_PATTERN = 6  # llama.cpp: hparams.set_swa_pattern(6)
 DEFAULT_LOCAL_ROPE_BASE = 10_000.0
@@ -23,12 +23,12 @@ def config(meta: dict[str, Any], vocab_size: int) -> ModelConfig:
     cfg.act = "gelu_tanh"
     cfg.embed_scale = math.sqrt(cfg.n_embd)
     cfg.tied_output = True
-    cfg.sliding_window = int(meta.get("gemma3.attention.sliding_window", 0) or 0)
-    pattern = int(meta.get("gemma3.attention.sliding_window_pattern", DEFAULT_SWA_PATTERN) or 0)
+    cfg.sliding_window = _int(meta, "gemma3.attention.sliding_window", 0)
+    pattern = _int(meta, "gemma3.attention.sliding_window_pattern", DEFAULT_SWA_PATTERN)
     # a layer is local (sliding window) unless it is the last of each group of `pattern`
     cfg.swa_layers = [cfg.sliding_window > 0 and pattern > 0 and (i % pattern) < pattern - 1 for i in range(cfg.n_layer)]
     # local layers: their own base and no rope scaling (llama.cpp: rope_freq_*_train_swa)
-    cfg.rope_base_swa = float(meta.get("gemma3.rope.freq_base_swa", DEFAULT_LOCAL_ROPE_BASE))
+    cfg.rope_base_swa = _float(meta, "gemma3.rope.freq_base_swa", DEFAULT_LOCAL_ROPE_BASE)
     # llama.cpp: 1/sqrt(head_dim) except for the 27B (n_embd/n_head); the key_length is the head size
     cfg.attn_scale = cfg.head_dim**-0.5
     return cfg
