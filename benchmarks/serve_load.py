@@ -163,7 +163,7 @@ async def replay(session: aiohttp.ClientSession, args: argparse.Namespace) -> li
         print(f" {turn + 1:4d}  {s.prompt_tokens:6d}  {s.prompt_n:9d}  {new:3d}  {s.ttft_s:6.2f}  "
               f"{cold.ttft_s:15.2f}  {ratio:5.2f}")
         rows.append({"turn": turn + 1, "prompt_tokens": s.prompt_tokens, "prefilled": s.prompt_n, "new_tokens": new,
-                     "ttft_s": round(s.ttft_s, 3), "new_only_ttft_s": round(cold.ttft_s, 3)})
+                     "ttft_s": round(s.ttft_s, 3), "new_only_ttft_s": round(cold.ttft_s, 3), "reply": s.text})
         prev_reply = s.text
         exchanges.append(user + s.text + "\n")
     later = rows[1:]
