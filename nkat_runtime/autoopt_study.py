@@ -104,3 +104,24 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
     finally:
         bar.close()
     return ran
+
+
+def stop_heartbeats(timeout: float = 10.0) -> int:
+    """Stop Optuna heartbeat threads still running; returns how many.
+
+    Ctrl-C can land while Optuna is stopping a trial's heartbeat thread. The thread is not a
+    daemon, so it would go on beating and the process could never exit. Its stop event is the
+    last argument Optuna starts it with.
+    """
+    import threading
+
+    stopped = 0
+    for t in threading.enumerate():
+        if getattr(getattr(t, "_target", None), "__name__", "") != "_record_heartbeat":
+            continue
+        for arg in getattr(t, "_args", ()):
+            if isinstance(arg, threading.Event):
+                arg.set()
+        t.join(timeout)
+        stopped += 1
+    return stopped

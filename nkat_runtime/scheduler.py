@@ -172,7 +172,7 @@ class Scheduler:
         from_ram = self.ram.best(prompt, self.cfg.cache_reuse, limit) if len(self.ram) else None
         if from_ram is not None and from_ram[1].reused > plan.reused:
             slot = min(free, key=lambda s: (plans[s.row].reused, s.last_used))  # the least useful slot
-            self._save(slot, from_ram[1].reused)
+            self._save(slot, 0)  # replaced whole: keep it if it is worth keeping
             entry = self.ram.take(from_ram[0])
             self.lm.model.write_kv(slot.row, entry.kv, len(entry.tokens))
             slot.tokens = entry.tokens
@@ -182,6 +182,7 @@ class Scheduler:
             self._save(slot, plan.reused)
         slot.busy, slot.last_used = True, time.monotonic()
         task.slot = slot
+        task.t0 = time.perf_counter()  # prefill time counts from here, not from the queue
         self._apply(slot, plan, prompt)
         task.done_prefill = plan.reused
         task.run.res.cached_tokens = plan.reused

@@ -25,9 +25,11 @@ def _run(model: Path, out: Path, *extra: str) -> int:
 
 
 def _cli(model: Path, out: Path, *extra: str) -> subprocess.Popen:
+    # SIGINT back to its default: a test run started in the background by a shell inherits it ignored
     return subprocess.Popen([sys.executable, "-m", "nkat_runtime.cli.autoopt", "--model", str(model),
                              "--output-dir", str(out), "--mode", "custom", *FAST, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _complete(storage: str, name: str) -> list[int]:

@@ -179,6 +179,8 @@ def test_ram_cache_brings_back_a_conversation_that_lost_its_slot(tiny):
         run(engine, req(chat_b, max_tokens=2))  # takes the only slot: chat A goes to RAM
         assert len(engine.sched.ram) == 1
         back = run(engine, req(chat_a + ids(3, 210), max_tokens=2)).choices[0]
+        held = [e.tokens[: len(chat_b)] for e in engine.sched.ram.entries.values()]
     finally:
         engine.close()
     assert back.cached_tokens == len(chat_a)
+    assert held == [chat_b]  # chat B, displaced by A's return, waits in RAM in turn

@@ -49,7 +49,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     common.setup_logging_and_threads(args)
     from ..autoopt import SearchConfig, ThetaSearch
     from ..autoopt_report import best_theta, finished_trials, mask_url, plot, write_json
-    from ..autoopt_study import open_study, run_trials
+    from ..autoopt_study import open_study, run_trials, stop_heartbeats
     from ..bundled import resolve_model
     from ..convert import sha256_file
     from ..loader import pick_device
@@ -87,6 +87,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         run_trials(study, search, trials, progress=cfg.progress)
     except KeyboardInterrupt:
         interrupted = True
+        stop_heartbeats()
         print("nkat-auto-optimizer: interrupted; writing the results of the finished trials", file=sys.stderr)
 
     rows = finished_trials(study)
