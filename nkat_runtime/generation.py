@@ -89,9 +89,7 @@ def generate_stream(
         out = forward(prompt[start:stop_at], start, last_only=not prompt_logprobs)
         if prompt_logprobs:
             run.prompt_logits(out, start)
-    if prompt_logprobs and len(prompt) == 1:
-        run.prompt_logits(torch.empty(0, 1), 0)
-    feed = run.end_prompt(time.perf_counter() - t0)
+    feed = run.end_prompt(time.perf_counter() - t0, prompt_logprobs)
     while feed is not None:
         if should_abort is not None and should_abort():
             piece = run.finish("abort")

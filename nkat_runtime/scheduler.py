@@ -118,7 +118,7 @@ class Scheduler:
 
     # --- one step ------------------------------------------------------------------------------
     def step(self) -> None:
-        """Admit, one prefill chunk, one batched decode step."""
+        """Admit, prefill chunks of newcomers (about one chunk's worth of tokens), one batched decode step."""
         self._drop_aborted()
         while self.waiting and self.free_slots():
             self._admit(self.waiting.popleft())
@@ -134,19 +134,20 @@ class Scheduler:
             except Exception as exc:  # a failed batch fails its sequences, not the server
                 log.exception("decode step failed")
                 for t in decoding:
-                    if t.slot is not None:
-                        t.slot.tokens.clear()  # what the step wrote is not trusted
-                    self._end(t, exc)
+                    self._fail(t, exc)
 
     def _guarded(self, task: Task, fn: Callable[[Task], int]) -> int:
         try:
             return fn(task)
         except Exception as exc:
             log.exception("prefill failed")
-            if task.slot is not None:
-                task.slot.tokens.clear()
-            self._end(task, exc)
+            self._fail(task, exc)
             return 0
+
+    def _fail(self, task: Task, exc: BaseException) -> None:
+        if task.slot is not None:
+            task.slot.tokens.clear()  # what the failed pass wrote is not trusted
+        self._end(task, exc)
 
     def _drop_aborted(self) -> None:
         for t in list(self.waiting):
@@ -227,9 +228,7 @@ class Scheduler:
                 run.prompt_logits(out[0], start)
         if task.done_prefill < end:
             return stop - start
-        if task.prompt_logprobs and len(prompt) == 1:
-            run.prompt_logits(torch.empty(0, 1), 0)
-        task.feed = run.end_prompt(time.perf_counter() - task.t0)
+        task.feed = run.end_prompt(time.perf_counter() - task.t0, task.prompt_logprobs)
         if task.feed is None:
             self._end(task, None)
         return max(0, stop - start)

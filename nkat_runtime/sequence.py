@@ -191,21 +191,28 @@ class SequenceRun:
         """Record the log-probabilities of prompt tokens ``start+1 ..`` from the logits [T, V] of
         prompt positions ``start ..`` (OpenAI's echo with logprobs)."""
         res = self.res
-        if not res.prompt_logprobs:
-            first = self.lm.tokenizer.token_bytes(self.prompt[0])
-            res.prompt_logprobs.append(TokenLogprob(self.prompt[0], first.decode("utf-8", errors="replace"),
-                                                    None, list(first)))
+        self._first_prompt_entry()
         logp = torch.log_softmax(logits.float(), dim=-1)
         for j in range(logits.shape[0]):
             if start + j + 1 < len(self.prompt):
                 res.prompt_logprobs.append(token_logprob(self.lm, logp[j], self.prompt[start + j + 1],
                                                          self.logprobs or 0))
 
-    def end_prompt(self, prefill_seconds: float) -> Feed | None:
+    def _first_prompt_entry(self) -> None:
+        """The first prompt token's entry (no log-probability: nothing precedes it)."""
+        if not self.res.prompt_logprobs:
+            first = self.lm.tokenizer.token_bytes(self.prompt[0])
+            self.res.prompt_logprobs.append(TokenLogprob(self.prompt[0], first.decode("utf-8", errors="replace"),
+                                                         None, list(first)))
+
+    def end_prompt(self, prefill_seconds: float, prompt_logprobs: bool = False) -> Feed | None:
         """The prompt is in the cache except its last token: that one is fed as the first decode
         step (so a repeated request computes it with the same kernel and batch shape). None when
-        nothing is to be generated."""
+        nothing is to be generated. ``prompt_logprobs``: the prompt's entries were asked for (a
+        one-token prompt has only its first, which no chunk wrote)."""
         res = self.res
+        if prompt_logprobs:
+            self._first_prompt_entry()
         if res.prompt_logprobs:
             offset, dec = 0, StreamDecoder(self.lm.tokenizer, skip_special=self.skip_special)
             for entry in res.prompt_logprobs:
