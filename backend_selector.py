@@ -4,7 +4,7 @@
     python backend_selector.py --model m.gguf --dry-run --json
     python backend_selector.py --check               # environment checklist (the guide's step 1)
 
-Decisions are printed with their reasons (rules in ``backend/rules.py``); settings come from
+Decisions are printed with their reasons (rules in ``nkat_selector/rules.py``); settings come from
 flags, then ``config.toml`` ([selector], [server], [model]). Exit status: 0 served and
 stopped cleanly (or --check/--dry-run succeeded), 1 the server failed to start, 2 no backend
 can serve this model here or a bad argument.
@@ -47,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from backend.check import checklist, print_checklist
-    from backend.launch import LaunchError, LaunchOptions, command, run, shown
-    from backend.probe import probe
-    from backend.rules import SelectionError, Settings, decide
     from nkat_runtime.bundled import resolve_model
     from nkat_runtime.cli import common
+    from nkat_selector.check import checklist, print_checklist
+    from nkat_selector.launch import LaunchError, LaunchOptions, command, run, shown
+    from nkat_selector.probe import probe
+    from nkat_selector.rules import SelectionError, Settings, decide
 
     args = build_parser().parse_args(argv)
     args.koboldcpp_cfg = None

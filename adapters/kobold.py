@@ -10,9 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from nkat_runtime.engine import EngineStats
 from nkat_runtime.errors import InvalidRequestError
-from nkat_runtime.request import Choice, GenerationOutcome, GenerationRequest, TokenLogprob
+from nkat_runtime.request import Choice, EngineStats, GenerationOutcome, GenerationRequest, TokenLogprob
 
 from .fields import Fields
 from .samplers import KOBOLD_DEFAULTS, read_common, read_length

@@ -6,7 +6,7 @@ from typing import Any
 
 from nkat_runtime.errors import InvalidRequestError
 from nkat_runtime.request import Choice, GenerationOutcome, GenerationRequest, TokenLogprob
-from nkat_runtime.sampling import REP_PEN, TEMPERATURE, TOP_K, TOP_P, TYPICAL, SamplingParams
+from nkat_runtime.sampling.params import REP_PEN, TEMPERATURE, TOP_K, TOP_P, TYPICAL, SamplingParams
 
 from .fields import Fields
 from .samplers import LLAMACPP_DEFAULTS, read_common, read_length

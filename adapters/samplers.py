@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from nkat_runtime.errors import InvalidRequestError, RequestNotSupportedError
 from nkat_runtime.request import GenerationRequest
-from nkat_runtime.sampling import DEFAULT_ORDER, SamplingParams
+from nkat_runtime.sampling.params import DEFAULT_ORDER, SamplingParams
 
 from .fields import Fields, clamp
 

@@ -73,9 +73,9 @@ def find_llama(arg: str | None) -> Path | None:
 def ours(path: Path, args: argparse.Namespace) -> dict:
     import torch
 
-    from nkat_runtime.bench import peak_rss_mb, prompt_tokens, time_decode, time_prefill
-    from nkat_runtime.convert import BUILTIN_EVAL
+    from nkat_runtime.eval.bench import peak_rss_mb, prompt_tokens, time_decode, time_prefill
     from nkat_runtime.loader import load_model
+    from nkat_runtime.theta.convert import BUILTIN_EVAL
 
     torch.set_num_threads(args.threads)
     ctx = args.prompt + args.gen + 1

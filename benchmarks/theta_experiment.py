@@ -33,13 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nkat_runtime import bundled  # noqa: E402
-from nkat_runtime.convert import ConvertOptions, convert  # noqa: E402
-from nkat_runtime.names import BLOCK_WEIGHT  # noqa: E402
+from nkat_runtime.eval.perplexity import perplexity_of_tokens  # noqa: E402
+from nkat_runtime.gguf.names import BLOCK_WEIGHT  # noqa: E402
+from nkat_runtime.gguf.requantize import requantize  # noqa: E402
 from nkat_runtime.loader import load_model  # noqa: E402
-from nkat_runtime.perplexity import perplexity_of_tokens  # noqa: E402
-from nkat_runtime.requantize import requantize  # noqa: E402
-from nkat_runtime.theta import ThetaFactors  # noqa: E402
-from nkat_runtime.theta_svd import moyal_factors, truncated_svd  # noqa: E402
+from nkat_runtime.theta.convert import ConvertOptions, convert  # noqa: E402
+from nkat_runtime.theta.factors import ThetaFactors  # noqa: E402
+from nkat_runtime.theta.svd import moyal_factors, truncated_svd  # noqa: E402
 
 log = logging.getLogger("theta_experiment")
 

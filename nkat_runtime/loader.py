@@ -16,15 +16,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import kernels, quant
+from . import quant
 from .errors import ModelFormatError, UnsupportedError
-from .gguf_io import GGUFFile, open_gguf
-from .linear import DenseLinear
-from .packed import DenseEmbedding, QuantEmbedding, pack_linear
-from .model import DecoderModel, ModelConfig, config_for
+from .gguf.reader import GGUFFile, open_gguf
+from .model import DecoderModel, ModelConfig, config_for, int4
 from .model.checks import check_tensors, validate_config
-from .theta import ThetaFactors, ThetaLinear, theta_tensor_names
-from .tokenizer import Tokenizer
+from .model.linear import DenseLinear
+from .model.packed import DenseEmbedding, QuantEmbedding, pack_linear
+from .model.theta_linear import ThetaLinear
+from .text.tokenizer import Tokenizer
+from .theta.factors import ThetaFactors, theta_tensor_names
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class GGUFWeights:
         self.gguf, self.device, self.dtype, self.progress = gguf, device, dtype, progress
         self.theta_gamma = theta_gamma
         self.fast = fast
-        self.int4 = fast and kernels.int4_available(device)
+        self.int4 = fast and int4.int4_available(device)
         self._table: torch.Tensor | None = None
 
     def has(self, name: str) -> bool:
@@ -166,7 +167,7 @@ class LoadedModel:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` with the model's chat template (sandboxed Jinja)."""
-        from .chat_template import render_chat
+        from .text.chat_template import render_chat
 
         tok = self.tokenizer
         bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""

@@ -2,7 +2,7 @@
 
 Adapters (``adapters/``) build a :class:`GenerationRequest` from a dialect's JSON and turn
 :class:`GenerationEvent` / :class:`GenerationOutcome` back into that dialect's JSON. The engine
-(:mod:`nkat_runtime.engine`) consumes requests and produces events; it never builds JSON, and
+(:mod:`nkat_runtime.serve.engine`) consumes requests and produces events; it never builds JSON, and
 adapters never touch tensors.
 """
 
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .sampling import SamplingParams
+from .sampling.params import SamplingParams
 
 Prompt = str | list[int]  # text, or token ids
 
@@ -69,18 +69,39 @@ class TokenLogprob:
 
 @dataclass
 class Choice:
-    index: int
+    """One generated sequence: its text and tokens, why it ended, and what it cost.
+
+    ``stop_kind`` is the one account of the end: "eos" (an end-of-generation token), "stop_string",
+    "length" (``max_tokens`` or the context's end) or "abort"; ``finish_reason`` is derived from it.
+    """
+
+    index: int = 0
     text: str = ""
-    finish_reason: str = "length"  # "stop" (EOS or stop string) | "length" | "abort"
+    token_ids: list[int] = field(default_factory=list)
     stop_kind: str = "length"  # "eos" | "stop_string" | "length" | "abort"
-    stop_string: str | None = None
+    stop_string: str | None = None  # the stop string that matched, or the end token's text
     prompt_text: str = ""  # the prompt as text (for echo)
     prompt_tokens: int = 0
-    completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the KV cache
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None
+    shifted_tokens: int = 0  # tokens dropped by context shifts while generating
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked
+
+    @property
+    def finish_reason(self) -> str:
+        """"stop" (end token or stop string), "length" or "abort"."""
+        return "stop" if self.stop_kind in ("eos", "stop_string") else self.stop_kind
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(0, len(self.token_ids) - 1)  # the first token comes from the prefill
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
 @dataclass
@@ -113,3 +134,27 @@ class GenerationEvent:
     choice: Choice | None = None
     outcome: GenerationOutcome | None = None
     error: BaseException | None = None
+
+
+STOP_REASON_CODES = {"length": 0, "eos": 1, "stop_string": 2, "abort": -1}
+
+
+@dataclass
+class EngineStats:
+    """Counters behind Kobold's ``/api/extra/perf`` and llama.cpp's ``/props``."""
+
+    started: float = field(default_factory=time.time)
+    total_gens: int = 0
+    last_process_seconds: float = 0.0
+    last_eval_seconds: float = 0.0
+    last_input_count: int = 0
+    last_token_count: int = 0
+    last_seed: int = 0
+    last_stop_kind: str = ""
+    last_end: float = field(default_factory=time.time)
+    queued: int = 0
+    busy: bool = False
+
+    @property
+    def stop_reason_code(self) -> int:
+        return STOP_REASON_CODES.get(self.last_stop_kind, -1)

@@ -162,10 +162,10 @@ async def serve(app: Any, host: str, port: int, banner: str) -> None:
 
 def build_state(args: argparse.Namespace):
     """Load the model and wrap it in an engine and the server state (no socket yet)."""
-    from nkat_runtime.engine import Engine
-    from nkat_runtime.scheduler import SchedulerConfig, auto_slots
+    from nkat_runtime.serve.engine import Engine
+    from nkat_runtime.serve.scheduler import SchedulerConfig, auto_slots
 
-    from .app import ServerConfig, ServerState
+    from .framework import ServerConfig, ServerState
 
     lm = common.load_from_args(args, progress=sys.stderr.isatty(), theta=not args.no_theta,
                                theta_gamma=args.theta_gamma)

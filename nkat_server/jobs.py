@@ -9,11 +9,11 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from nkat_runtime.engine import JobHandle
 from nkat_runtime.errors import ServerBusyError
 from nkat_runtime.request import GenerationEvent, GenerationOutcome, GenerationRequest
+from nkat_runtime.serve.engine import JobHandle
 
-from .app import ServerState
+from .framework import ServerState
 from .sse import ClientGone, SSEWriter
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .app import Route
+from .framework import Route
 
 _INT, _NUM, _STR, _BOOL = {"type": "integer"}, {"type": "number"}, {"type": "string"}, {"type": "boolean"}
 _STOP = {"oneOf": [_STR, {"type": "array", "items": _STR}]}

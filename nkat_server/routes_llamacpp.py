@@ -8,11 +8,11 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from adapters import llamacpp
-from adapters.samplers import LLAMACPP_DEFAULTS, read_sampling
 from adapters.fields import Fields
+from adapters.samplers import LLAMACPP_DEFAULTS, read_sampling
 
-from .app import Route, ServerState, json_response, read_json
-from .errors import ApiError, classify, error_payload
+from .errors import classify, error_payload
+from .framework import Route, ServerState, json_response, read_json
 from .jobs import events_with_keepalive, run_to_end, stream_guard, submit, warning_headers
 from .sse import SSEWriter
 
@@ -65,7 +65,7 @@ async def props(state: ServerState, request: web.Request) -> web.Response:
 async def completion(state: ServerState, request: web.Request) -> web.StreamResponse:
     greq, stream, return_tokens = llamacpp.parse_completion(await read_json(request, state))
     handle = await submit(state, greq)
-    settings = llamacpp.generation_settings(handle.prepared.params, state.engine.context, state.model_id)
+    settings = llamacpp.generation_settings(handle.prepared.gen.sampling, state.engine.context, state.model_id)
     if not stream:
         outcome = await run_to_end(handle)
         results = [llamacpp.completion_result(c, outcome, state.model_id, settings, return_tokens)

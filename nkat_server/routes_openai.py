@@ -11,8 +11,8 @@ from aiohttp import web
 from adapters import openai
 from nkat_runtime.request import GenerationRequest
 
-from .app import Route, ServerState, json_response, read_json
 from .errors import classify, error_payload
+from .framework import Route, ServerState, json_response, read_json
 from .jobs import events_with_keepalive, run_to_end, stream_guard, submit, warning_headers
 from .sse import SSEWriter
 

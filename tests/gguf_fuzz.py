@@ -11,7 +11,6 @@ watchdog, so a hang or a huge allocation is caught as such.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import resource
 import struct
@@ -151,8 +150,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mem-mb", type=int, default=3072, help="address-space limit for the cases")
     args = ap.parse_args()
-    import torch  # noqa: F401  (imported before the limit: its own reservations are not a case's)
     import logging
+
+    import torch  # noqa: F401  (imported before the limit: its own reservations are not a case's)
 
     logging.disable(logging.CRITICAL)
     torch.set_num_threads(1)

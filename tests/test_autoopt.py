@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from nkat_runtime.cli.autoopt import main
-from nkat_runtime.gguf_io import open_gguf
+from nkat_runtime.gguf.reader import open_gguf
 from nkat_runtime.loader import load_model
-from nkat_runtime.theta import theta_layers
+from nkat_runtime.model.theta_linear import theta_layers
 
 FAST = ["--ctx", "64", "--eval-chunks", "2", "--decode-steps", "4", "--quiet"]
 

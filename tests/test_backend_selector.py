@@ -5,7 +5,6 @@ only stand-in: no Kobold.cpp binary exists on the test machines)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,11 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from serverproc import free_port
 
-from backend.launch import LaunchError, LaunchOptions, command, run
-from backend.probe import CPU, GPU, Kobold, ModelInfo, Probe, probe, probe_model
-from backend.rules import SelectionError, Settings, decide
+from nkat_selector.launch import LaunchError, LaunchOptions, command, run
+from nkat_selector.probe import CPU, GPU, Kobold, ModelInfo, Probe, probe, probe_model
+from nkat_selector.rules import SelectionError, Settings, decide
+from serverproc import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SELECTOR = [sys.executable, str(REPO / "backend_selector.py")]
@@ -156,7 +155,7 @@ def test_port_in_use_is_refused(tmp_path):
 
 
 def test_password_is_passed_and_masked():
-    from backend.launch import shown
+    from nkat_selector.launch import shown
 
     d = decide(_probe(kobold=KOBOLD), Settings(prefer="koboldcpp"))
     cmd = command(d, _probe(kobold=KOBOLD), LaunchOptions("m.gguf", password="s3cret", ctx=8192))

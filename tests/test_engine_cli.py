@@ -10,8 +10,8 @@ import gguf
 import numpy as np
 import pytest
 
-from nkat_runtime.convert import ConvertOptions, convert
-from nkat_runtime.gguf_io import open_gguf
+from nkat_runtime.gguf.reader import open_gguf
+from nkat_runtime.theta.convert import ConvertOptions, convert
 
 GUIDE_BENCH_KEYS = {"tokens_per_second", "avg_latency_ms", "device", "theta_enabled", "overhead_percentage",
                     "prefill_tokens_per_second", "peak_memory_mb", "load_seconds"}

@@ -17,10 +17,11 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf.quants import quantize
 
-from nkat_runtime import kernels, packed, quant
-from nkat_runtime.gguf_io import open_gguf
+from nkat_runtime import quant
+from nkat_runtime.eval.perplexity import perplexity
+from nkat_runtime.gguf.reader import open_gguf
 from nkat_runtime.loader import load_model
-from nkat_runtime.perplexity import perplexity
+from nkat_runtime.model import int4, packed
 
 CPU = torch.device("cpu")
 INT4_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
@@ -65,7 +66,7 @@ def test_row_chunked_packing_equals_whole(tmp_path, monkeypatch):
     g = _gguf_with(tmp_path, {"w": (_weight(208, 128), T.Q8_0)})  # 208: not a multiple of 64
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))
     whole = packed.pack_linear(g.tensor("w"), CPU)(x)
-    monkeypatch.setattr(kernels, "PACK_ROWS", 64)
+    monkeypatch.setattr(int4, "PACK_ROWS", 64)
     chunked = packed.pack_linear(g.tensor("w"), CPU)(x)
     assert torch.equal(whole, chunked)
 

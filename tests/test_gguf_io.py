@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nkat_runtime.errors import ModelFormatError, UnsupportedError
-from nkat_runtime.gguf_io import open_gguf
+from nkat_runtime.gguf.reader import open_gguf
 from nkat_runtime.loader import load_model
 
 
@@ -58,7 +58,10 @@ def test_not_gguf(tmp_path):
 def _write_arch(path, arch: str):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return path
 
 
@@ -88,7 +91,10 @@ def test_unsupported_tensor_type(tiny_model, tmp_path):
             data = np.zeros((rows, 64 // 32 * 18), dtype=np.uint8)  # IQ4_NL: 18 bytes / 32 weights
             qtype = gguf.GGMLQuantizationType.IQ4_NL
         w.add_tensor(t.name, data, raw_dtype=qtype)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(UnsupportedError, match="IQ4_NL"):
         load_model(tmp_path / "iq.gguf", progress=False)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from nkat_runtime.convert import ConvertOptions, convert
-from nkat_runtime.gguf_io import open_gguf
+from nkat_runtime.gguf.reader import open_gguf
+from nkat_runtime.theta.convert import ConvertOptions, convert
 
 HERE = Path(__file__).resolve().parent
 FUZZ_CASES = int(os.environ.get("NKAT_FUZZ_CASES", "2000"))

@@ -240,7 +240,7 @@ def test_load_with_aborts_and_dropped_connections(server):
 
 # --- access ---------------------------------------------------------------------------------------
 def test_the_key_is_never_logged_and_compared_in_constant_time(server, monkeypatch):
-    from nkat_server.app import ServerConfig, ServerState
+    from nkat_server.framework import ServerConfig, ServerState
 
     server.post("/v1/completions", {"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer nope"})
     assert server.post("/api/extra/tokencount", {"prompt": "x"}, headers=AUTH).status == 200

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nkat_runtime.generation import generate
 from nkat_runtime.loader import load_model
-from nkat_runtime.sampling import SamplingParams
+from nkat_runtime.sampling.params import SamplingParams
+from nkat_runtime.serve.driver import generate
+from nkat_runtime.serve.sequence import GenerationParams
 
 ARCHS = ["llama", "qwen2", "gemma3"]
 
@@ -52,17 +53,17 @@ def test_gemma3_sliding_window_changes_local_layers(tiny_model):
 def test_generate_greedy_and_seeded(tiny_model, arch):
     lm = load_model(tiny_model(arch), context=64, progress=False)
     prompt = lm.tokenizer.encode("the and of")
-    g1 = generate(lm, prompt, 10, SamplingParams.greedy(), stop_ids=[])
-    g2 = generate(lm, prompt, 10, SamplingParams.greedy(), stop_ids=[])
+    g1 = generate(lm, prompt, GenerationParams(10, SamplingParams.greedy(), stop_ids=()))
+    g2 = generate(lm, prompt, GenerationParams(10, SamplingParams.greedy(), stop_ids=()))
     assert g1.token_ids == g2.token_ids and len(g1.token_ids) == 10 and g1.finish_reason == "length"
     sampled = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=123)
-    s1 = generate(lm, prompt, 10, sampled, stop_ids=[])
-    s2 = generate(lm, prompt, 10, sampled, stop_ids=[])
+    s1 = generate(lm, prompt, GenerationParams(10, sampled, stop_ids=()))
+    s2 = generate(lm, prompt, GenerationParams(10, sampled, stop_ids=()))
     assert s1.token_ids == s2.token_ids
 
 
 def test_generation_stops_at_context_end(tiny_model):
     lm = load_model(tiny_model("llama"), context=16, progress=False)
     prompt = lm.tokenizer.encode("the the the")
-    res = generate(lm, prompt, 100, SamplingParams.greedy(), stop_ids=[])
+    res = generate(lm, prompt, GenerationParams(100, SamplingParams.greedy(), stop_ids=()))
     assert len(prompt) + len(res.token_ids) == 16 and res.finish_reason == "length"

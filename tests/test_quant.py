@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 from nkat_runtime import quant
@@ -157,7 +158,7 @@ def test_real_model_tensors_match_gguf() -> None:
     """One tensor of each type in the default model (first rows only), against gguf-py."""
     from nkat_runtime.bundled import gemma3_270m
     from nkat_runtime.errors import ModelNotFoundError
-    from nkat_runtime.gguf_io import open_gguf  # checked against gguf-py's reader in test_gguf_io
+    from nkat_runtime.gguf.reader import open_gguf  # checked against gguf-py's reader in test_gguf_io
 
     try:
         path = gemma3_270m()

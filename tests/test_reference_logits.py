@@ -8,9 +8,10 @@ import gc
 import pytest
 import torch
 
-from nkat_runtime.generation import generate
 from nkat_runtime.loader import load_model
-from nkat_runtime.sampling import SamplingParams
+from nkat_runtime.sampling.params import SamplingParams
+from nkat_runtime.serve.driver import generate
+from nkat_runtime.serve.sequence import GenerationParams
 
 PROMPTS = [
     "The capital of France is Paris. It is known for",
@@ -57,7 +58,7 @@ def test_greedy_continuation_matches_transformers(pair):
     name, ours, hf, hf_tok = pair
     ids = ours.tokenizer.encode(GREEDY_PROMPT, add_special=True)
     assert ids == hf_tok(GREEDY_PROMPT).input_ids or ids == hf_tok(GREEDY_PROMPT, add_special_tokens=False).input_ids
-    res = generate(ours, ids, 32, SamplingParams.greedy(), stop_ids=[])
+    res = generate(ours, ids, GenerationParams(32, SamplingParams.greedy(), stop_ids=()))
     with torch.no_grad():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(ids):].tolist()
@@ -79,7 +80,7 @@ def test_perplexity_chunks_match_transformers(pair, wiki_text):
     exact fp32 graph). llama.cpp's own figures differ by 1-2 % on single chunks (its CPU
     kernels quantise activations to 8 bits and keep an f16 KV cache; we do not emulate that)."""
     name, ours, hf, _ = pair
-    from nkat_runtime.perplexity import chunk_nll
+    from nkat_runtime.eval.perplexity import chunk_nll
 
     ids = ours.tokenizer.encode(wiki_text[:20000], add_special=True)
     bos = ours.tokenizer.bos_id if ours.tokenizer.add_bos else None

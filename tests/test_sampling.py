@@ -8,9 +8,7 @@ import math
 import pytest
 import torch
 
-from nkat_runtime.generation import StopMatcher
-from nkat_runtime.sampling import (
-    SamplingParams,
+from nkat_runtime.sampling.chain import (
     apply_repeat_penalty,
     make_generator,
     min_p_filter,
@@ -18,6 +16,8 @@ from nkat_runtime.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from nkat_runtime.sampling.params import SamplingParams
+from nkat_runtime.serve.sequence import StopMatcher
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
 
@@ -78,8 +78,9 @@ def test_stop_matcher():
 
 
 # --- the Kobold.cpp sampler set (samplers_extra) and the full chain ---------------------------
-from nkat_runtime import samplers_extra as sx  # noqa: E402
-from nkat_runtime.sampling import DEFAULT_ORDER, TEMPERATURE, TOP_K, SamplerState  # noqa: E402
+from nkat_runtime.sampling import extra as sx  # noqa: E402
+from nkat_runtime.sampling.chain import SamplerState  # noqa: E402
+from nkat_runtime.sampling.params import DEFAULT_ORDER, TEMPERATURE, TOP_K  # noqa: E402
 
 
 def test_top_a_uses_squared_max():

@@ -9,11 +9,10 @@ import pytest
 
 from adapters import kobold, llamacpp, openai
 from adapters.samplers import KOBOLD_DEFAULTS, LLAMACPP_DEFAULTS
+from client_bodies import LITE, ST_KOBOLDCPP
 from nkat_runtime.errors import InvalidRequestError, RequestNotSupportedError
 from nkat_runtime.request import Choice, GenerationOutcome, TokenLogprob
-from nkat_runtime.sampling import DEFAULT_ORDER
-
-from client_bodies import LITE, ST_KOBOLDCPP
+from nkat_runtime.sampling.params import DEFAULT_ORDER
 
 
 def test_sillytavern_koboldcpp_body_maps_every_kobold_field():
@@ -130,8 +129,8 @@ def test_llamacpp_body():
 def _outcome() -> GenerationOutcome:
     lp = [TokenLogprob(5, " hi", -0.5, [32, 104, 105], [TokenLogprob(5, " hi", -0.5, [32, 104, 105]),
                                                         TokenLogprob(6, " yo", -1.5, [32, 121, 111])], 0)]
-    choices = [Choice(0, " hi", "stop", "eos", None, "Say", 2, 1, 0, [5], lp),
-               Choice(1, " hello there", "length", "length", None, "Say", 2, 3, 1, [5, 6, 7], None)]
+    choices = [Choice(0, " hi", [5], "eos", None, "Say", 2, 0, logprobs=lp),
+               Choice(1, " hello there", [5, 6, 7], "length", None, "Say", 2, 1)]
     return GenerationOutcome(id="abc", created=1, choices=choices, prompt_tokens=2, completion_tokens=4,
                              warnings=["max_tokens 9 clamped to 3"])
 
@@ -141,7 +140,7 @@ def test_response_shapes():
     k = kobold.generate_response(out)
     assert k["results"][0]["text"] == " hi" and k["results"][0]["finish_reason"] == "stop"
     assert k["results"][0]["logprobs"]["top_logprobs"] == [{" hi": -0.5, " yo": -1.5}] and k["warnings"]
-    stopped = Choice(0, "x", "stop", "stop_string", "##")
+    stopped = Choice(0, "x", [], "stop_string", "##")
     assert kobold.finish_reason(stopped) == "stop" and openai.finish_reason(stopped) == "stop"
     c = openai.completion_response(out, "m", echo=True)
     assert c["id"] == "cmpl-abc" and c["object"] == "text_completion" and c["choices"][0]["text"] == "Say hi"
@@ -152,10 +151,10 @@ def test_response_shapes():
     assert ch["choices"][1]["message"] == {"role": "assistant", "content": " hello there", "refusal": None}
     assert ch["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"] == " yo"
     assert ch["choices"][1]["finish_reason"] == "length"
-    l = llamacpp.completion_result(out.choices[0], out, "m", {}, True)
-    assert l["stop"] is True and l["stop_type"] == "eos" and l["tokens"] == [5]
-    assert l["completion_probabilities"][0]["top_logprobs"][0]["id"] == 5
-    json.dumps([k, c, ch, l])  # all plain JSON
+    lc = llamacpp.completion_result(out.choices[0], out, "m", {}, True)
+    assert lc["stop"] is True and lc["stop_type"] == "eos" and lc["tokens"] == [5]
+    assert lc["completion_probabilities"][0]["top_logprobs"][0]["id"] == 5
+    json.dumps([k, c, ch, lc])  # all plain JSON
 
 
 def test_stream_chunks():

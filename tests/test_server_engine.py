@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from nkat_runtime.engine import Engine
 from nkat_runtime.errors import ContextLengthError, InvalidRequestError, ServerBusyError
 from nkat_runtime.loader import load_model
-from nkat_runtime.prepare import Preparer
 from nkat_runtime.request import GenerationRequest
-from nkat_runtime.sampling import SamplingParams
+from nkat_runtime.sampling.params import SamplingParams
+from nkat_runtime.serve.engine import Engine
+from nkat_runtime.serve.prepare import Preparer
 
 GREEDY = SamplingParams.greedy()
 
@@ -192,7 +192,7 @@ def test_keyless_abort_stops_the_running_job(engine):
 
 
 def test_stream_never_splits_a_utf8_character(engine, monkeypatch):
-    import nkat_runtime.sequence as generation
+    import nkat_runtime.serve.sequence as generation
 
     raw = "😀é".encode()  # 4 + 2 bytes, one byte-fallback token each (ids 3 + byte in the tiny vocab)
     script = iter([3 + b for b in raw])

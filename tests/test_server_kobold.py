@@ -12,11 +12,10 @@ import time
 
 import pytest
 
-from nkat_runtime import bundled
-from nkat_runtime.gguf_io import open_gguf
-from nkat_runtime.tokenizer import Tokenizer
-
 from client_bodies import LITE, ST_KOBOLDCPP
+from nkat_runtime import bundled
+from nkat_runtime.gguf.reader import open_gguf
+from nkat_runtime.text.tokenizer import Tokenizer
 from serverproc import Server, sse_data
 
 # KoboldAI Lite reads the stream with a strict "event: X \n data: Y \n\n" regex (spec §1.6)

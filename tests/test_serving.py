@@ -8,12 +8,12 @@ import asyncio
 import pytest
 import torch
 
-from nkat_runtime.engine import Engine
-from nkat_runtime.kv_slots import PromptCache, plan_reuse
 from nkat_runtime.loader import load_model
 from nkat_runtime.request import GenerationRequest
-from nkat_runtime.sampling import SamplingParams
-from nkat_runtime.scheduler import SchedulerConfig
+from nkat_runtime.sampling.params import SamplingParams
+from nkat_runtime.serve.engine import Engine
+from nkat_runtime.serve.kv_slots import PromptCache, plan_reuse
+from nkat_runtime.serve.scheduler import SchedulerConfig
 
 GREEDY = SamplingParams.greedy()
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from nkat_runtime import quant
-from nkat_runtime.convert import ConvertOptions, convert
-from nkat_runtime.gguf_io import open_gguf
+from nkat_runtime.gguf.names import LayerNameError, select, to_gguf
+from nkat_runtime.gguf.reader import open_gguf
+from nkat_runtime.gguf.requantize import requantize
 from nkat_runtime.loader import load_model
-from nkat_runtime.requantize import requantize
-from nkat_runtime.names import LayerNameError, select, to_gguf
-from nkat_runtime.theta import ThetaLinear, set_theta_gamma, theta_layers
-from nkat_runtime.theta_svd import moyal_factors, residual_factors, residual_matrix, truncated_svd
+from nkat_runtime.model.theta_linear import ThetaLinear, set_theta_gamma, theta_layers
+from nkat_runtime.theta.convert import ConvertOptions, convert
+from nkat_runtime.theta.svd import moyal_factors, truncated_svd
 
 
 def _convert(src, out, **kw):
@@ -107,7 +107,7 @@ def test_star_product_against_dense(tiny_model, tmp_path):
 def test_star_product_on_packed_weights(tiny_model, tmp_path):
     """On the fast path θ is not folded: the packed base plus two small matmuls, within
     the int4 kernel's bf16 rounding of the dense result."""
-    from nkat_runtime.packed import Int4Linear
+    from nkat_runtime.model.packed import Int4Linear
 
     out = tmp_path / "p.nkat"
     _convert(tiny_model("llama"), out, rank=4, gamma=0.5)
@@ -190,7 +190,7 @@ def test_converter_errors_exit_2_and_write_nothing(tiny_model, tmp_path):
 
 
 def test_globs_skip_norms_names_of_norms_are_errors(tiny_model, tmp_path):
-    from nkat_runtime.convert import ConvertError, plan_targets
+    from nkat_runtime.theta.convert import ConvertError, plan_targets
 
     src = open_gguf(tiny_model("gemma3"))
     want = {f"blk.1.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output")}

@@ -19,9 +19,9 @@ from typing import Any, Callable
 import pytest
 
 from nkat_runtime import bundled
-from nkat_runtime.chat_template import CHATML_TEMPLATE, render_chat
 from nkat_runtime.errors import ChatTemplateError, ModelNotFoundError, TokenizerError
-from nkat_runtime.tokenizer import BYTE_ENCODER, StreamDecoder, Tokenizer
+from nkat_runtime.text.chat_template import CHATML_TEMPLATE, render_chat
+from nkat_runtime.text.tokenizer import BYTE_ENCODER, StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -47,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common.setup_logging_and_threads(args)
-    from ..autoopt import SearchConfig, ThetaSearch
-    from ..autoopt_report import best_theta, finished_trials, mask_url, plot, write_json
-    from ..autoopt_study import open_study, run_trials, stop_heartbeats
     from ..bundled import resolve_model
-    from ..convert import sha256_file
     from ..loader import pick_device
+    from ..theta.autoopt import SearchConfig, ThetaSearch
+    from ..theta.convert import sha256_file
+    from ..theta.report import best_theta, finished_trials, mask_url, plot, write_json
+    from ..theta.study import open_study, run_trials, stop_heartbeats
 
     trials, chunks, steps = MODES.get(args.mode, (args.trials, 4, 16))
     if args.mode == "custom" and not args.trials:

@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def measure_change(path: Path, chunks: int) -> dict:
     """Perplexity on the built-in eval text with θ at the file's γ and with θ off."""
-    from ..convert import BUILTIN_EVAL
+    from ..eval.perplexity import perplexity
     from ..loader import load_model
-    from ..perplexity import perplexity
-    from ..theta import set_theta_gamma
+    from ..model.theta_linear import set_theta_gamma
+    from ..theta.convert import BUILTIN_EVAL
 
     lm = load_model(path, device="cpu", context=512, progress=False)
     gamma = float(lm.gguf.get("nkat.theta.gamma", 1.0))
@@ -68,7 +68,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args.config = None
     common.setup(args)
     from ..bundled import ALIASES
-    from ..convert import ConvertOptions, convert
+    from ..theta.convert import ConvertOptions, convert
 
     alias = lambda name: ALIASES[name]() if name in ALIASES else Path(name)  # noqa: E731
     opts = ConvertOptions(

@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _timed_rounds(lm, ids, iterations: int, rounds: int, gammas: list[float | None]) -> dict:
     """Interleave settings over rounds; per setting: prefill seconds and decode step times."""
-    from ..bench import time_decode, time_prefill
-    from ..theta import set_theta_gamma
+    from ..eval.bench import time_decode, time_prefill
+    from ..model.theta_linear import set_theta_gamma
 
     rounds = max(1, rounds)
     per_round = max(1, iterations // rounds)
@@ -57,11 +57,12 @@ def _timed_rounds(lm, ids, iterations: int, rounds: int, gammas: list[float | No
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common.setup(args)
-    from ..bench import DecodeTiming, peak_memory_mb, prompt_tokens, tpe_score
-    from ..convert import BUILTIN_EVAL
-    from ..perplexity import perplexity
-    from ..theta import set_theta_gamma, theta_layers
     import torch
+
+    from ..eval.bench import DecodeTiming, peak_memory_mb, prompt_tokens, tpe_score
+    from ..eval.perplexity import perplexity
+    from ..model.theta_linear import set_theta_gamma, theta_layers
+    from ..theta.convert import BUILTIN_EVAL
 
     if args.seq_len < 1 or args.iterations < 1:
         raise ValueError("--seq-len and --iterations must be >= 1")

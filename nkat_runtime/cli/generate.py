@@ -32,14 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common.setup(args)
-    from ..generation import GenerationResult, generate_stream
-    from ..sampling import SamplingParams
+    from ..sampling.params import SamplingParams
+    from ..serve.driver import Driver
+    from ..serve.sequence import GenerationParams
 
     if args.max_tokens < 0:
         raise ValueError("--max-tokens must be >= 0")
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p,
-                            args.repeat_penalty, args.repeat_last_n, args.seed)
-    params.validate()
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p,
+                              args.repeat_penalty, args.repeat_last_n, args.seed)
+    sampling.validate()
     lm = common.load_from_args(args, progress=not args.json)
     tok = lm.tokenizer
     if args.chat:
@@ -48,8 +49,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         prompt_ids = tok.encode(lm.render_chat(messages), add_special=False, parse_special=True)
     else:
         prompt_ids = tok.encode(args.prompt, add_special=True)
-    res = GenerationResult()
-    stream = generate_stream(lm, prompt_ids, args.max_tokens, params, args.stop, result=res)
+    stream = Driver(lm).stream(prompt_ids, GenerationParams(args.max_tokens, sampling, args.stop))
+    res = stream.choice
     if args.json:
         for _ in stream:
             pass

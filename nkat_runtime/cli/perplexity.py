@@ -25,7 +25,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     n_ctx = args.ctx or 512  # llama-perplexity's default; config.toml's ctx is for serving
     common.setup(args)
     args.ctx = n_ctx  # the cache needs exactly one chunk
-    from ..perplexity import perplexity
+    from ..eval.perplexity import perplexity
 
     text_path = Path(args.file)
     if not text_path.is_file():

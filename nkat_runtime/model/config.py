@@ -11,7 +11,6 @@ from typing import Any
 
 from ..errors import ModelFormatError
 
-
 # counts a model may have (far above any released model; they bound what a crafted file can allocate)
 COUNT_CAPS = {"n_layer": 1024, "n_embd": 1 << 17, "n_head": 4096, "n_head_kv": 4096, "head_dim": 1 << 13,
               "n_ff": 1 << 20, "vocab_size": 1 << 22, "context_length": 1 << 24, "rope_dim": 1 << 13}

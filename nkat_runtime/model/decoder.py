@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -134,7 +133,7 @@ class DecoderModel(nn.Module):
     @torch.inference_mode()
     def read_kv(self, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A copy of the first ``n`` cached positions of ``row``, per layer (K, V)."""
-        return [(l.cache.k[row, :, :n].clone(), l.cache.v[row, :, :n].clone()) for l in self.layers]  # type: ignore[union-attr]
+        return [(b.cache.k[row, :, :n].clone(), b.cache.v[row, :, :n].clone()) for b in self.layers]  # type: ignore[union-attr]
 
     @torch.inference_mode()
     def write_kv(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import quant
-from .errors import NKATError
-from .gguf_io import GGUFFile, open_gguf
-from .gguf_write import write_derived_gguf
-from .names import BLOCK_WEIGHT, select, to_gguf
-from .theta import ThetaFactors, theta_tensor_names
-from .theta_svd import (
+from .. import quant
+from ..errors import NKATError
+from ..gguf.names import BLOCK_WEIGHT, select, to_gguf
+from ..gguf.reader import GGUFFile, open_gguf
+from ..gguf.writer import write_derived_gguf
+from .factors import ThetaFactors, theta_tensor_names
+from .svd import (
     DEFAULT_TARGET_SIZE,
     SVDResult,
     activation_scale,
@@ -39,7 +39,7 @@ from .theta_svd import (
 log = logging.getLogger(__name__)
 
 NKAT_VERSION = 1
-DATA_DIR = Path(__file__).with_name("data")
+DATA_DIR = Path(__file__).parents[1] / "data"
 BUILTIN_CALIBRATION = DATA_DIR / "calibration.txt"
 BUILTIN_EVAL = DATA_DIR / "eval.txt"
 OPTIMIZE_RANKS = (1, 2, 4, 6, 8, 12, 16, 24, 32)
@@ -159,7 +159,7 @@ def check_reference(src: GGUFFile, ref: GGUFFile) -> None:
 
 def calibration_mean_abs(path: Path, targets: list[str], text: str, chunks: int, ctx: int = 512) -> dict[str, torch.Tensor]:
     """Mean |x| per input channel of each target's input, over ``chunks`` chunks of ``text``."""
-    from .loader import load_model
+    from ..loader import load_model
 
     lm = load_model(path, device="cpu", context=ctx, progress=False, theta=False)
     modules = lm.model.linear_modules()

@@ -7,8 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .convert import sha256_file
-from .fsutil import publish, temp_beside
+from ..fsutil import publish, temp_beside
 
 
 def _write_atomic(path: Path, write) -> None:

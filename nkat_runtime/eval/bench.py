@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .loader import LoadedModel
+from ..loader import LoadedModel
 
 
 def peak_rss_mb() -> float:

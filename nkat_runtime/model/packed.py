@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, quant
-from .gguf_io import TensorRef
+from .. import quant
+from ..gguf.reader import TensorRef
+from . import int4
+from .linear import DenseLinear
 
 #: types packed as int4, and into how many parts (4-bit codes: 1; 5- or 8-bit: 2)
 INT4_PARTS = {"Q4_0": 1, "Q4_1": 1, "Q4_K": 1, "Q5_0": 2, "Q5_1": 2, "Q5_K": 2, "Q8_0": 2}
@@ -72,9 +74,9 @@ class Int4Linear(nn.Module):
             y = self._dense(x2.float())
         else:
             x2 = x2.to(torch.bfloat16)
-            y = kernels.int4_mm(x2, self.packed0, self.sz0).float()
+            y = int4.int4_mm(x2, self.packed0, self.sz0).float()
             if self.n_parts == 2:
-                y = y + kernels.int4_mm(x2, self.packed1, self.sz1).float()
+                y = y + int4.int4_mm(x2, self.packed1, self.sz1).float()
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
@@ -110,7 +112,7 @@ def _split(ref: TensorRef, rows_raw: torch.Tensor, parts: int) -> list[tuple[tor
         codes = (codes.to(torch.int16) + 128).to(torch.uint8)
         offset += 128
     codes = codes.reshape(rows, k)
-    per = h.group_size // kernels.GROUP
+    per = h.group_size // int4.GROUP
     s = scales.reshape(rows, -1).repeat_interleave(per, dim=1)
     m = 0.0 if mins is None else mins.reshape(rows, -1).repeat_interleave(per, dim=1)
     if parts == 1:
@@ -131,26 +133,26 @@ def _int4_parts(ref: TensorRef, parts: int, device: torch.device,
     n, k = ref.shape
     rows_raw = ref.mapped_tensor().view(n, -1)
     on_cpu = device.type == "cpu"
-    groups = k // kernels.GROUP
+    groups = k // int4.GROUP
     sz = [torch.empty(groups, n, 2, dtype=torch.bfloat16) for _ in range(parts)]
     codes = [torch.empty(n, k // 2 if on_cpu else k, dtype=torch.uint8) for _ in range(parts)]
-    for r in range(0, n, kernels.PACK_ROWS):
-        chunk = rows_raw[r : r + kernels.PACK_ROWS]
+    for r in range(0, n, int4.PACK_ROWS):
+        chunk = rows_raw[r : r + int4.PACK_ROWS]
         stop = r + chunk.shape[0]
         for i, (c, scale, zero) in enumerate(_split(ref, chunk, parts)):
-            codes[i][r:stop] = kernels.pack_int4(c.contiguous(), device) if on_cpu else c
-            sz[i][:, r:stop] = kernels.scales_zeros(scale, zero, torch.device("cpu"))
+            codes[i][r:stop] = int4.pack_int4(c.contiguous(), device) if on_cpu else c
+            sz[i][:, r:stop] = int4.scales_zeros(scale, zero, torch.device("cpu"))
         if release is not None:
             release(row_slice(ref, r, stop))
     if on_cpu:
         return list(zip(codes, sz))
-    return [(kernels.pack_int4(c, device), z.to(device)) for c, z in zip(codes, sz)]
+    return [(int4.pack_int4(c, device), z.to(device)) for c, z in zip(codes, sz)]
 
 
 def int4_parts_for(ref: TensorRef) -> int:
     """How many int4 parts ``ref`` packs into (0: it does not, it is dequantised to float32)."""
     parts = INT4_PARTS.get(ref.type_name, 0)
-    if parts and len(ref.shape) == 2 and kernels.int4_shape_ok(*ref.shape):
+    if parts and len(ref.shape) == 2 and int4.int4_shape_ok(*ref.shape):
         return parts
     return 0
 
@@ -159,7 +161,6 @@ def pack_linear(ref: TensorRef, device: torch.device, bias: torch.Tensor | None 
                 int4: bool = True, release: Callable[[TensorRef], None] | None = None) -> nn.Module:
     """The fast-path linear for a GGUF weight ``ref`` (see the module doc for the forms);
     ``release(ref)`` drops the file's pages after each use of them."""
-    from .linear import DenseLinear
 
     parts = int4_parts_for(ref) if int4 else 0
     if parts:

@@ -1,10 +1,10 @@
 """One sequence's generation after its prompt: sample a token from the logits of the last fed
 token, decide what text is safe to show, and name the next token to feed.
 
-:class:`SequenceRun` is a state machine that never calls the model: a driver feeds it logits,
-one decode step at a time, and does what it asks (feed this token, after dropping that many
-from the cache tail). :func:`nkat_runtime.generation.generate_stream` drives one sequence; the
-engine's scheduler drives many in one batched forward.
+:class:`SequenceRun` is a state machine that never calls the model: the scheduler
+(:mod:`.scheduler`, the one generation driver, for the server's many sequences and the CLIs' one)
+feeds it logits, one decode step at a time, and does what it asks (feed this token, after
+dropping that many from the cache tail). It fills a :class:`~nkat_runtime.request.Choice`.
 
 Streaming pieces never split a UTF-8 character and never show a stop string or a banned phrase
 (text that might begin one is held back until it is clear). A banned phrase that appears anyway
@@ -16,42 +16,34 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
-from .loader import LoadedModel
-from .request import TokenLogprob
-from .sampling import SamplerState, SamplingParams, make_generator, sample
-from .tokenizer import StreamDecoder
+from ..loader import LoadedModel
+from ..request import Choice, TokenLogprob
+from ..sampling.chain import SamplerState, make_generator, sample
+from ..sampling.params import SamplingParams
+from ..text.tokenizer import StreamDecoder
 
 MAX_BACKTRACKS = 256  # banned-phrase rollbacks per generation before phrases are ignored
 
 
 @dataclass
-class GenerationResult:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop" (EOS/EOT or stop string) | "length" | "abort"
-    stop_reason: str | None = None  # the stop string or token text that ended it
-    stop_kind: str = "length"  # "eos" | "stop_string" | "length" | "abort"
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV entries were reused
-    shifted_tokens: int = 0  # tokens dropped by context shifts while generating
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token in token_ids (when asked)
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token (when asked)
-    kv_tokens: list[int] = field(default_factory=list)  # tokens whose KV entries now sit at positions 0..n-1
+class GenerationParams:
+    """What one sequence is asked to do, resolved to token ids (the one parameter set every
+    driver passes: the server's preparer builds it from a request, the CLIs from their flags)."""
 
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        steps = max(0, len(self.token_ids) - 1)  # the first token comes from the prefill
-        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+    max_new: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()
+    stop_ids: Collection[int] | None = None  # None: the tokenizer's end-of-generation tokens
+    banned_phrases: Sequence[str] = ()  # undone by backtracking (case-insensitive)
+    logprobs: int | None = None  # None: off; N: each token's logprob with N alternatives
+    prompt_logprobs: bool = False  # also for the prompt (OpenAI's echo with logprobs)
+    include_stop: bool = False  # keep a matched stop string in the text
+    skip_special: bool = True  # control tokens are not printed
+    cache_prompt: bool = True  # False: reuse nothing cached (llama.cpp's cache_prompt)
 
 
 class StopMatcher:
@@ -146,36 +138,22 @@ class Feed:
 
 
 class SequenceRun:
-    """Sampling, stop rules, banned phrases and streamed text of one sequence."""
+    """Sampling, stop rules, banned phrases and streamed text of one sequence; fills ``choice``."""
 
-    def __init__(
-        self,
-        lm: LoadedModel,
-        prompt: Sequence[int],
-        max_new: int,
-        params: SamplingParams,
-        stop: Sequence[str] = (),
-        stop_ids: Sequence[int] | None = None,
-        *,
-        generator: torch.Generator | None = None,
-        banned_phrases: Sequence[str] = (),
-        logprobs: int | None = None,
-        include_stop: bool = False,
-        skip_special: bool = True,
-        result: GenerationResult | None = None,
-    ) -> None:
-        params.validate()
-        self.lm, self.prompt, self.max_new, self.params = lm, list(prompt), max_new, params
-        self.res = result if result is not None else GenerationResult()
-        self.res.prompt_tokens = len(self.prompt)
-        self.stops = StopMatcher(stop)
-        self.bans = PhraseBans(banned_phrases)
-        self.stop_set = set(lm.tokenizer.stop_ids if stop_ids is None else stop_ids)
-        self.gen = generator if generator is not None else make_generator(params.seed)
-        self.logprobs, self.include_stop, self.skip_special = logprobs, include_stop, skip_special
+    def __init__(self, lm: LoadedModel, prompt: Sequence[int], params: GenerationParams,
+                 generator: torch.Generator | None = None) -> None:
+        params.sampling.validate()
+        self.lm, self.prompt, self.params = lm, list(prompt), params
+        self.max_new, self.sampling = params.max_new, params.sampling
+        self.choice = Choice(prompt_tokens=len(self.prompt), logprobs=[] if params.logprobs is not None else None,
+                             prompt_logprobs=[] if params.prompt_logprobs else None)
+        self.stops = StopMatcher(params.stop)
+        self.bans = PhraseBans(params.banned_phrases)
+        self.stop_set = set(lm.tokenizer.stop_ids if params.stop_ids is None else params.stop_ids)
+        self.gen = generator if generator is not None else make_generator(params.sampling.seed)
         self.state = SamplerState()
         self.history = list(self.prompt)
-        self.decoder = StreamDecoder(lm.tokenizer, skip_special=skip_special)
+        self.decoder = StreamDecoder(lm.tokenizer, skip_special=params.skip_special)
         self.offsets: list[int] = []  # text length after each generated token
         self.position_bans: dict[int, set[int]] = {}
         self.backtracks = 0
@@ -190,19 +168,22 @@ class SequenceRun:
     def prompt_logits(self, logits: torch.Tensor, start: int) -> None:
         """Record the log-probabilities of prompt tokens ``start+1 ..`` from the logits [T, V] of
         prompt positions ``start ..`` (OpenAI's echo with logprobs)."""
-        res = self.res
+        res = self.choice
         self._first_prompt_entry()
         logp = torch.log_softmax(logits.float(), dim=-1)
         for j in range(logits.shape[0]):
             if start + j + 1 < len(self.prompt):
-                res.prompt_logprobs.append(token_logprob(self.lm, logp[j], self.prompt[start + j + 1],
-                                                         self.logprobs or 0))
+                res.prompt_logprobs.append(token_logprob(self.lm, logp[j], self.prompt[start + j + 1],  # type: ignore[union-attr]
+                                                         self.params.logprobs or 0))
 
     def _first_prompt_entry(self) -> None:
         """The first prompt token's entry (no log-probability: nothing precedes it)."""
-        if not self.res.prompt_logprobs:
+        entries = self.choice.prompt_logprobs
+        if entries is None:
+            entries = self.choice.prompt_logprobs = []
+        if not entries:
             first = self.lm.tokenizer.token_bytes(self.prompt[0])
-            self.res.prompt_logprobs.append(TokenLogprob(self.prompt[0], first.decode("utf-8", errors="replace"),
+            entries.append(TokenLogprob(self.prompt[0], first.decode("utf-8", errors="replace"),
                                                          None, list(first)))
 
     def end_prompt(self, prefill_seconds: float, prompt_logprobs: bool = False) -> Feed | None:
@@ -210,11 +191,11 @@ class SequenceRun:
         step (so a repeated request computes it with the same kernel and batch shape). None when
         nothing is to be generated. ``prompt_logprobs``: the prompt's entries were asked for (a
         one-token prompt has only its first, which no chunk wrote)."""
-        res = self.res
+        res = self.choice
         if prompt_logprobs:
             self._first_prompt_entry()
         if res.prompt_logprobs:
-            offset, dec = 0, StreamDecoder(self.lm.tokenizer, skip_special=self.skip_special)
+            offset, dec = 0, StreamDecoder(self.lm.tokenizer, skip_special=self.params.skip_special)
             for entry in res.prompt_logprobs:
                 entry.text_offset = offset
                 offset += len(dec.feed(entry.token_id))
@@ -229,7 +210,7 @@ class SequenceRun:
     def step(self, logits: torch.Tensor) -> tuple[str, Feed | None]:
         """Sample after the last fed token; returns the text now safe to show and the next feed
         (None: the sequence is finished, and the text includes its end)."""
-        res = self.res
+        res = self.choice
         if self.first_logits is None:
             self.first_logits = logits
         while True:
@@ -238,12 +219,12 @@ class SequenceRun:
             if step in self.position_bans:
                 step_logits = logits.clone()
                 step_logits[list(self.position_bans[step])] = float("-inf")
-            tok = sample(step_logits, self.params, self.history, self.gen, self.state)
+            tok = sample(step_logits, self.sampling, self.history, self.gen, self.state)
             if tok in self.stop_set:
-                res.finish_reason, res.stop_kind, res.stop_reason = "stop", "eos", self.lm.tokenizer.id_to_token(tok)
+                res.stop_kind, res.stop_string = "eos", self.lm.tokenizer.id_to_token(tok)
                 return self.finish(), None
-            if self.logprobs is not None:
-                entry = token_logprob(self.lm, torch.log_softmax(logits.float(), dim=-1), tok, self.logprobs)
+            if res.logprobs is not None:
+                entry = token_logprob(self.lm, torch.log_softmax(logits.float(), dim=-1), tok, self.params.logprobs or 0)
                 entry.text_offset = len(self.text)
                 res.logprobs.append(entry)
             res.token_ids.append(tok)
@@ -257,8 +238,9 @@ class SequenceRun:
                     self.position_bans.setdefault(t, set()).add(res.token_ids[t])
                     self.backtracks += 1
                     del res.token_ids[t:], self.offsets[t:], self.history[len(self.prompt) + t :]
-                    del res.logprobs[t:]
-                    self.decoder = StreamDecoder(self.lm.tokenizer, skip_special=self.skip_special)
+                    if res.logprobs is not None:
+                        del res.logprobs[t:]
+                    self.decoder = StreamDecoder(self.lm.tokenizer, skip_special=self.params.skip_special)
                     self.text = "".join(self.decoder.feed(i) for i in res.token_ids)
                     if t == 0:
                         logits = self.first_logits
@@ -266,8 +248,8 @@ class SequenceRun:
                     return "", self._feed(res.token_ids[t - 1], t - 1)
             hit = self.stops.find(self.text, self.emitted)
             if hit is not None:
-                self.text = self.text[: hit[0] + (len(hit[1]) if self.include_stop else 0)]
-                res.finish_reason, res.stop_kind, res.stop_reason = "stop", "stop_string", hit[1]
+                self.text = self.text[: hit[0] + (len(hit[1]) if self.params.include_stop else 0)]
+                res.stop_kind, res.stop_string = "stop_string", hit[1]
                 self.hit_stop_string = hit[1]
                 return self.finish(), None
             piece = ""
@@ -292,12 +274,10 @@ class SequenceRun:
         the text not yet shown."""
         if self.done:
             return ""
-        res = self.res
+        res = self.choice
         self.done = True
         if reason is not None:
-            res.finish_reason = res.stop_kind = reason
-        if res.finish_reason == "length":
-            res.stop_kind = "length"
+            res.stop_kind = reason
         if self.hit_stop_string is None:
             self.text += self.decoder.flush()
         piece = self.text[self.emitted :]

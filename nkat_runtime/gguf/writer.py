@@ -9,8 +9,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .fsutil import publish, temp_beside
-from .gguf_io import GGUFFile
+from ..fsutil import publish, temp_beside
+from .reader import GGUFFile
 
 # key -> (value, GGUFValueType, element GGUFValueType for arrays or None)
 ExtraKV = Mapping[str, tuple[Any, Any, Any]]

@@ -15,10 +15,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import ContextLengthError, InvalidRequestError
-from .loader import LoadedModel
-from .request import GenerationRequest
-from .sampling import SamplingParams
+from ..errors import ContextLengthError, InvalidRequestError
+from ..loader import LoadedModel
+from ..request import GenerationRequest
+from .sequence import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,7 @@ class PreparedPrompt:
 class Prepared:
     request: GenerationRequest
     prompts: list[PreparedPrompt]
-    params: SamplingParams  # with ids resolved (bias, bans, breakers) and the seed set
-    stop: list[str]
-    stop_ids: set[int]
-    banned_phrases: list[str]
+    gen: GenerationParams  # sampling with ids resolved (bias, bans, breakers) and the seed set; max_new per prompt
     seed: int
     max_tokens: int  # the largest allowed completion length over the prompts
     truncated_tokens: int = 0
@@ -142,8 +139,12 @@ class Preparer:
             raise InvalidRequestError(str(exc)) from None
         for w in warnings:
             log.warning("%s request: %s", req.dialect, w)
-        return Prepared(req, prompts, params, stop, set() if req.bypass_eos else stop_ids, phrases, seed,
-                        max(p.max_new for p in prompts), truncated, warnings)
+        max_new = max(p.max_new for p in prompts)
+        gen = GenerationParams(max_new, params, stop, frozenset() if req.bypass_eos else frozenset(stop_ids), phrases,
+                               logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None,
+                               include_stop=not req.trim_stop, skip_special=not req.render_special,
+                               cache_prompt=req.cache_prompt)
+        return Prepared(req, prompts, gen, seed, max_new, truncated, warnings)
 
     def _fit(self, req: GenerationRequest, src: str | list[int], warnings: list[str]) -> tuple[PreparedPrompt, int]:
         tok, ctx = self.lm.tokenizer, self.lm.context

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .bench import time_decode, time_prefill, tpe_score
+from ..errors import NKATError
+from ..eval.bench import time_decode, time_prefill, tpe_score
+from ..eval.perplexity import perplexity_of_tokens
+from ..gguf.reader import open_gguf
+from ..loader import load_model
+from ..model.theta_linear import ThetaLinear, set_theta_gamma
 from .convert import (
     BUILTIN_CALIBRATION,
     TargetSVD,
@@ -26,11 +31,7 @@ from .convert import (
     target_svds,
     write_nkat,
 )
-from .errors import NKATError
-from .gguf_io import open_gguf
-from .loader import load_model
-from .perplexity import perplexity_of_tokens
-from .theta import ThetaFactors, ThetaLinear, set_theta_gamma
+from .factors import ThetaFactors
 
 log = logging.getLogger(__name__)
 

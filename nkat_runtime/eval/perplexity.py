@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .loader import LoadedModel
+from ..loader import LoadedModel
 
 
 @dataclass

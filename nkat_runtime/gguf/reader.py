@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ModelFormatError
+from ..errors import ModelFormatError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class TensorRef:
 
     @property
     def type_name(self) -> str:
-        from .quant import type_name
+        from ..quant import type_name
 
         return type_name(self.qtype)
 
@@ -126,7 +126,7 @@ class GGUFFile:
 
     def unsupported_types(self) -> dict[str, str]:
         """Tensor types this runtime cannot dequantise, each with one tensor that has it."""
-        from .quant import SUPPORTED_TYPES
+        from ..quant import SUPPORTED_TYPES
 
         out: dict[str, str] = {}
         for name, t in sorted(self.tensors.items()):

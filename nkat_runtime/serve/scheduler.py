@@ -1,4 +1,6 @@
-"""Continuous batching: many sequences, one batched decode step at a time.
+"""Continuous batching: many sequences, one batched decode step at a time. This is the one
+generation driver: the server's engine runs it with ``--parallel`` slots in its worker thread, the
+CLIs and tests with one slot in the calling thread (:mod:`.driver`).
 
 Each step the scheduler (1) gives free slots to waiting sequences, reusing the best cached
 prefix (a slot's own, or one from the RAM prompt cache), (2) runs prefill chunks of newcomers,
@@ -10,8 +12,8 @@ per-sequence cache rows. Sequences join and leave between steps.
 A sequence that reaches the end of its slot's context drops the oldest tokens after the first
 ``n_keep`` and goes on (context shift), unless shifting is off: then it ends with "length".
 
-It knows nothing of HTTP or jobs: a :class:`Task` carries a :class:`SequenceRun` and a
-callback for its text; the engine turns those into events.
+It knows nothing of HTTP or jobs: a :class:`Task` carries a :class:`SequenceRun` and
+callbacks for its text and its end; the engine turns those into events.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from typing import Callable
 
 import torch
 
-from .generation import LOGPROBS_CHUNK, PREFILL_CHUNK
+from ..loader import LoadedModel
 from .kv_slots import PromptCache, ReusePlan, Slot, plan_reuse
-from .loader import LoadedModel
 from .sequence import Feed, SequenceRun
 
 log = logging.getLogger(__name__)
 
 SAVE_MIN_TOKENS = 32  # slots holding fewer tokens are not worth a RAM copy
+PREFILL_CHUNK = 256  # prompt tokens per forward pass (abort is checked between chunks)
+LOGPROBS_CHUNK = 64  # ... when every position's logits are kept
 
 
 AUTO_SLOTS_MAX = 4
@@ -78,8 +81,6 @@ class Task:
     on_text: Callable[[str], None]
     on_end: Callable[[BaseException | None], None]
     should_abort: Callable[[], bool]
-    prompt_logprobs: bool = False
-    cache_prompt: bool = True  # False: reuse nothing cached
     slot: Slot | None = None
     done_prefill: int = 0  # prompt tokens in the slot
     feed: Feed | None = None
@@ -88,6 +89,14 @@ class Task:
     @property
     def prompt(self) -> list[int]:
         return self.run.prompt
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        return self.run.params.prompt_logprobs
+
+    @property
+    def cache_prompt(self) -> bool:
+        return self.run.params.cache_prompt
 
 
 class Scheduler:
@@ -186,7 +195,7 @@ class Scheduler:
         task.t0 = time.perf_counter()  # prefill time counts from here, not from the queue
         self._apply(slot, plan, prompt)
         task.done_prefill = plan.reused
-        task.run.res.cached_tokens = plan.reused
+        task.run.choice.cached_tokens = plan.reused
         self.active.append(task)
 
     def _save(self, slot: Slot, reused: int) -> None:
@@ -273,7 +282,7 @@ class Scheduler:
             return False
         self.lm.model.shift_kv(slot.row, keep + discard, keep, n - keep - discard)
         slot.tokens = slot.tokens[:keep] + slot.tokens[keep + discard :]
-        task.run.res.shifted_tokens += discard
+        task.run.choice.shifted_tokens += discard
         log.info("slot %d: context shift, %d tokens dropped after the first %d", slot.row, discard, keep)
         return True
 

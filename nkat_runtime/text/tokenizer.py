@@ -30,7 +30,7 @@ import logging
 import re
 from typing import Any, Callable, Iterable, NamedTuple
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 log = logging.getLogger(__name__)
 

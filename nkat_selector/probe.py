@@ -96,7 +96,7 @@ def probe_cpu() -> CPU:
 def probe_model(path: str | os.PathLike[str]) -> ModelInfo:
     """Header, architecture and tensor types of a .gguf/.nkat file, without its tensors."""
     from nkat_runtime.errors import NKATError
-    from nkat_runtime.gguf_io import open_gguf
+    from nkat_runtime.gguf.reader import open_gguf
     from nkat_runtime.model import ARCHITECTURES
 
     p = Path(path)

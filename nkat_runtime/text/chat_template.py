@@ -32,7 +32,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
-from .errors import ChatTemplateError
+from ..errors import ChatTemplateError
 
 log = logging.getLogger(__name__)
 

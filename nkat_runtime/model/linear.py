@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 BLOCK_ROWS = 8  # decode-sized inputs are multiplied in blocks of 2 .. 8 rows
 
 

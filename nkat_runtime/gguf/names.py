@@ -13,7 +13,7 @@ import fnmatch
 import re
 from typing import Iterable
 
-from .errors import NKATError
+from ..errors import NKATError
 
 META = {
     "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",

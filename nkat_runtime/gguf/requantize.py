@@ -7,17 +7,14 @@ reference. Everything else is copied byte for byte.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-from typing import Sequence
 
 from tqdm import tqdm
 
-from . import quant
-from .gguf_io import open_gguf
-from .gguf_write import write_derived_gguf
+from .. import quant
 from .names import BLOCK_WEIGHT
+from .reader import open_gguf
+from .writer import write_derived_gguf
 
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # the types gguf-py can quantise
 
@@ -39,23 +36,3 @@ def requantize(input_path: Path, output: Path, qtype_name: str = "Q4_0", progres
         replace[name] = (gguf.quants.quantize(dense, qtype), qtype)
     write_derived_gguf(src, output, replace=replace, progress=progress)
     return names
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .cli.common import run
-
-    def _main(argv: Sequence[str] | None) -> int:
-        p = argparse.ArgumentParser(prog="nkat-requantize", description=__doc__)
-        p.add_argument("--input", "-i", required=True)
-        p.add_argument("--output", "-o", required=True)
-        p.add_argument("--type", default="Q4_0", choices=TYPES)
-        a = p.parse_args(argv)
-        names = requantize(Path(a.input), Path(a.output), a.type)
-        print(f"wrote {a.output}: {len(names)} block weights requantised to {a.type}")
-        return 0
-
-    return run(_main, argv, prog="nkat-requantize")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Generation runs off the caller's event loop, in one worker thread; events reach the caller's
 asyncio loop through ``call_soon_threadsafe``. A job holds all its choices (``n`` x prompts);
-each choice is one sequence for the :class:`~nkat_runtime.scheduler.Scheduler`, which decodes
+each choice is one sequence for the :class:`~nkat_runtime.serve.scheduler.Scheduler`, which decodes
 every running sequence in one batched step (continuous batching over ``slots`` KV-cache rows).
 Jobs wait in a bounded queue while every slot is taken. Jobs can be aborted by id
 (:meth:`JobHandle.cancel`, e.g. on a client disconnect) or by Kobold ``genkey``
@@ -14,47 +14,23 @@ The engine never builds JSON: it speaks :mod:`nkat_runtime.request` types.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from .errors import ServerBusyError
-from .loader import LoadedModel
+from ..errors import ServerBusyError
+from ..loader import LoadedModel
+from ..request import Choice, EngineStats, GenerationEvent, GenerationOutcome, GenerationRequest, TokenLogprob
+from ..sampling.chain import make_generator
 from .prepare import Prepared, Preparer
-from .request import Choice, GenerationEvent, GenerationOutcome, GenerationRequest, TokenLogprob
-from .sampling import make_generator
 from .scheduler import Scheduler, SchedulerConfig, Task
-from .sequence import GenerationResult, SequenceRun
+from .sequence import SequenceRun
 
 log = logging.getLogger(__name__)
-
-STOP_REASON_CODES = {"length": 0, "eos": 1, "stop_string": 2, "abort": -1}
-
-
-@dataclass
-class EngineStats:
-    """Counters behind Kobold's ``/api/extra/perf`` and llama.cpp's ``/props``."""
-
-    started: float = field(default_factory=time.time)
-    total_gens: int = 0
-    last_process_seconds: float = 0.0
-    last_eval_seconds: float = 0.0
-    last_input_count: int = 0
-    last_token_count: int = 0
-    last_seed: int = 0
-    last_stop_kind: str = ""
-    last_end: float = field(default_factory=time.time)
-    queued: int = 0
-    busy: bool = False
-
-    @property
-    def stop_reason_code(self) -> int:
-        return STOP_REASON_CODES.get(self.last_stop_kind, -1)
-
 
 class Job:
     def __init__(self, prepared: Prepared, loop: asyncio.AbstractEventLoop) -> None:
@@ -256,8 +232,8 @@ class Engine:
         outcome = self._outcome(job)
         for pi, pp in enumerate(job.prepared.prompts):
             for k in range(job.prepared.request.n):
-                outcome.choices.append(Choice(pi * job.prepared.request.n + k, finish_reason="abort",
-                                              stop_kind="abort", prompt_text=pp.text, prompt_tokens=len(pp.ids)))
+                outcome.choices.append(Choice(pi * job.prepared.request.n + k, stop_kind="abort", prompt_text=pp.text,
+                                              prompt_tokens=len(pp.ids)))
         job.outcome = outcome
         job.emit(GenerationEvent("done", outcome=outcome))
 
@@ -290,17 +266,14 @@ class Engine:
         p, req = job.prepared, job.prepared.request
         job.outcome = self._outcome(job)
         job.left = len(p.prompts) * req.n
-        want_prompt_lp = req.echo and req.logprobs is not None
         for pi, pp in enumerate(p.prompts):
+            params = dataclasses.replace(p.gen, max_new=pp.max_new)
             for k in range(req.n):
                 index = pi * req.n + k
-                run = SequenceRun(self.lm, pp.ids, pp.max_new, p.params, p.stop, sorted(p.stop_ids),
-                                  generator=make_generator(p.seed + index), banned_phrases=p.banned_phrases,
-                                  logprobs=req.logprobs, include_stop=not req.trim_stop,
-                                  skip_special=not req.render_special)
-                self.sched.add(Task(run, self._text_sink(job, index), self._end_sink(job, index, pp, run.res),
-                                    job.aborted.is_set, prompt_logprobs=want_prompt_lp,
-                                    cache_prompt=req.cache_prompt))
+                run = SequenceRun(self.lm, pp.ids, params, make_generator(p.seed + index))
+                run.choice.index, run.choice.prompt_text = index, pp.text
+                self.sched.add(Task(run, self._text_sink(job, index), self._end_sink(job, index, run.choice),
+                                    job.aborted.is_set))
 
     def _text_sink(self, job: Job, index: int):
         def on_text(piece: str) -> None:
@@ -309,9 +282,9 @@ class Engine:
             job.emit(GenerationEvent("text", index=index, text=piece))
         return on_text
 
-    def _end_sink(self, job: Job, index: int, pp, res: GenerationResult):
+    def _end_sink(self, job: Job, index: int, choice: Choice):
         def on_end(error: BaseException | None) -> None:
-            req, outcome = job.prepared.request, job.outcome
+            outcome = job.outcome
             assert outcome is not None
             job.left -= 1
             if error is not None and not job.failed:
@@ -319,19 +292,12 @@ class Engine:
                 job.aborted.set()
                 job.emit(GenerationEvent("error", error=error))
             if not job.failed:
-                want_prompt_lp = req.echo and req.logprobs is not None
-                choice = Choice(
-                    index, res.text, res.finish_reason, res.stop_kind, res.stop_reason, pp.text, len(pp.ids),
-                    len(res.token_ids), res.cached_tokens, list(res.token_ids),
-                    list(res.logprobs) if req.logprobs is not None else None,
-                    list(res.prompt_logprobs) if want_prompt_lp else None,
-                )
                 outcome.choices.append(choice)
                 outcome.completion_tokens += choice.completion_tokens
-                outcome.prefill_seconds += res.prefill_seconds
-                outcome.decode_seconds += res.decode_seconds
+                outcome.prefill_seconds += choice.prefill_seconds
+                outcome.decode_seconds += choice.decode_seconds
                 with self._cond:
-                    self._record(res, job.prepared.seed + index)
+                    self._record(choice, job.prepared.seed + index)
                 job.emit(GenerationEvent("choice", index=index, choice=choice))
             if job.left == 0:
                 self._finish(job)
@@ -355,7 +321,7 @@ class Engine:
                  outcome.prompt_tokens, outcome.completion_tokens, outcome.prefill_seconds, outcome.decode_seconds,
                  " (aborted)" if job.aborted.is_set() else "")
 
-    def _record(self, res: GenerationResult, seed: int) -> None:
+    def _record(self, res: Choice, seed: int) -> None:
         s = self.stats
         s.total_gens += 1
         s.last_process_seconds, s.last_eval_seconds = res.prefill_seconds, res.decode_seconds

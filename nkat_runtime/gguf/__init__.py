@@ -1,0 +1,1 @@
+"""GGUF files: the validating reader, the derived-file writer, tensor names, requantisation."""

@@ -1,0 +1,1 @@
+"""Text: the tokenizer from GGUF metadata and sandboxed chat templates."""

@@ -1,0 +1,1 @@
+"""θ: the factors, their SVDs, the .nkat converter and the auto-optimiser."""
