@@ -9,6 +9,8 @@ baseline (γ = 0: θ off). A killed worker's running trial is failed by Optuna's
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -49,13 +51,54 @@ def suggest(trial, cfg: SearchConfig) -> tuple[int, float]:
     return rank, gamma
 
 
+class InterruptGate:
+    """Ctrl-C that only ever cuts a trial's own work, never Optuna's bookkeeping around it.
+
+    Inside the gate, SIGINT raises KeyboardInterrupt at once (and Optuna fails the trial in
+    flight); anywhere else (Optuna telling the storage, stopping a heartbeat, the progress bar)
+    it is noted and raised when the next objective starts. An interrupt that landed anywhere
+    in Optuna's code could leave a trial neither finished nor failed: Optuna then asserts
+    ("Should not reach") and the process ends with a traceback instead of exit 130.
+    Installed only from the main thread (elsewhere Ctrl-C keeps Python's default).
+    """
+
+    def __init__(self) -> None:
+        self.inside = False
+        self.pending = False
+        self._old = None
+
+    def __enter__(self) -> "InterruptGate":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+    def _handle(self, signum, frame) -> None:
+        if self.inside:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def enter(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.inside = True
+
+    def leave(self) -> None:
+        self.inside = False
+
+
 def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
                on_trial: Callable[[int, TrialResult], None] | None = None) -> int:
     """Run trials until the study holds ``n_trials`` finished ones; returns how many ran here.
 
     Workers sharing the storage never overshoot: a worker whose trial would be one too many
     waits for the others' trials in flight, and prunes its own once they finished (a pruned
-    trial is not a result). KeyboardInterrupt propagates after Optuna failed the trial in flight.
+    trial is not a result). Ctrl-C (through :class:`InterruptGate`) raises KeyboardInterrupt
+    after Optuna failed the trial in flight, or, when it came between trials, before the next one
+    (or when the study is complete).
     """
     import optuna
     from optuna.study import MaxTrialsCallback
@@ -72,6 +115,13 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
     bar = tqdm(total=n_trials, initial=done, desc="trials", unit="trial", disable=not progress)
 
     def objective(trial) -> float:
+        gate.enter()
+        try:
+            return measured(trial)
+        finally:
+            gate.leave()
+
+    def measured(trial) -> float:
         nonlocal ran
         while True:
             live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
@@ -99,8 +149,11 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
         bar.refresh()
 
     try:
-        study.optimize(objective, callbacks=[show, MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
-                       gc_after_trial=False)
+        with InterruptGate() as gate:
+            study.optimize(objective, callbacks=[show, MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
+                           gc_after_trial=False)
+            if gate.pending:
+                raise KeyboardInterrupt
     finally:
         bar.close()
     return ran
