@@ -141,6 +141,10 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write the result JSON here")
     args = p.parse_args()
     from nkat_runtime.bundled import resolve_model
+    from nkat_runtime.cli.common import inductor_cache
+
+    if args.compile:
+        inductor_cache()  # the same persistent cache the commands use (children inherit it)
 
     path = Path(resolve_model(args.model))
     result = {"model": path.name, "threads": args.threads, "prompt": args.prompt, "gen": args.gen,

@@ -214,14 +214,18 @@ def load_model(
     theta_gamma: float | None = None,
     reference: bool = False,
     compile: bool = False,
+    batch_invariant: bool = True,
 ) -> LoadedModel:
     """Open, validate and build the model; allocate the KV cache for ``context`` tokens.
 
     The fast path (default) keeps weights packed (``packed.py``); ``reference=True``
     dequantises everything to ``dtype`` (float32) and runs plain dense math, the path
     that is checked against gguf-py, transformers and llama.cpp. ``compile`` runs decode
-    steps through ``torch.compile`` (see ``DecoderModel.compile_decode``), with inductor's
-    cache under the NKAT cache folder unless ``TORCHINDUCTOR_CACHE_DIR`` is set.
+    steps through ``torch.compile`` (see ``DecoderModel.compile_decode``; the commands point
+    inductor's cache at the NKAT cache folder, ``cli.common.inductor_cache``).
+
+    ``batch_invariant`` (default) makes a decode step's rows independent of each other, so a
+    sequence gets the same bits alone and in a batch (``DecoderModel.set_batch_invariant``).
 
     For a .nkat file, θ is applied with the file's γ (``nkat.theta.gamma``) unless
     ``theta_gamma`` overrides it; ``theta=False`` loads the plain source model.
@@ -253,12 +257,10 @@ def load_model(
     finally:
         bar.close()
     model.eval()
+    model.set_batch_invariant(batch_invariant)
     trim_heap()
     model.setup_caches(max_batch, n_ctx)
     if compile:
-        from .bundled import cache_dir
-
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         model.compile_decode(mode="reduce-overhead" if dev.type == "cuda" else None)
         for pos in (0, 1):  # compile now, not on the first request (the second step: dynamic KV length)
             model(torch.zeros(1, 1, dtype=torch.long, device=dev), torch.tensor([pos], device=dev))

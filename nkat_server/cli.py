@@ -21,7 +21,7 @@ log = logging.getLogger("nkat_server")
 DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 5001, "max_queue": 6, "max_body": 32.0,
                             "default_max_tokens": 512, "no_cuda": False, "no_theta": False, "parallel": 0,
                             "cache_reuse": 32, "noshift": False, "keep": -1, "cache_ram": 1024.0,
-                            "body_timeout": 60.0}
+                            "body_timeout": 60.0, "deterministic": True}
 # [server] key -> argparse attribute (the flags' own names, plus KoboldCpp's spellings)
 SERVER_KEYS = {
     "model": "model", "contextsize": "ctx", "ctx": "ctx", "device": "device", "threads": "threads",
@@ -29,14 +29,14 @@ SERVER_KEYS = {
     "theta_gamma": "theta_gamma", "no_theta": "no_theta", "max_queue": "max_queue", "max_body": "max_body",
     "default_max_tokens": "default_max_tokens", "defaultgenamt": "default_max_tokens", "verbose": "verbose",
     "parallel": "parallel", "cache_reuse": "cache_reuse", "noshift": "noshift", "keep": "keep",
-    "cache_ram": "cache_ram", "body_timeout": "body_timeout",
+    "cache_ram": "cache_ram", "body_timeout": "body_timeout", "deterministic": "deterministic",
 }
 TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "password": (str,), "theta_gamma": (int, float), "no_theta": (bool,),
     "max_queue": (int,), "max_body": (int, float), "default_max_tokens": (int,), "no_cuda": (bool,),
     "model": (str,), "ctx": (int,), "device": (str,), "verbose": (bool,), "parallel": (int,),
     "cache_reuse": (int,), "noshift": (bool,), "keep": (int,), "cache_ram": (int, float),
-    "body_timeout": (int, float),
+    "body_timeout": (int, float), "deterministic": (bool,),
 }
 
 
@@ -192,7 +192,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     lm, state = build_state(args)
     banner = (f"model {lm.path.name} ({lm.name}, {lm.config.arch}) on {lm.device}, context {lm.context}, "
               f"{theta_state(lm, args)}, {state.engine.config.slots} slot(s), "
-              f"context shift {'off' if args.noshift else 'on'}, auth {'on' if args.password else 'off'}")
+              f"context shift {'off' if args.noshift else 'on'}, batch-invariant decode "
+              f"{'on' if args.deterministic else 'off'}, auth {'on' if args.password else 'off'}")
     asyncio.run(serve(create_app(state), args.host, args.port, banner))
     return 0
 

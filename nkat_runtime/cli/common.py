@@ -30,6 +30,10 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU, Gemma 3 270M: measured 1.14-1.6x faster decode, "
                         "at 85-140 s of compiling at load; see docs/fast-path.md)")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch-invariant decode (default on): a sequence decoded among others gets the same "
+                        "bits, so the same text, as alone; --no-deterministic multiplies a batch's rows in one "
+                        "GEMM, faster with large float32 layers (Q6_K), see docs/server.md")
     g.add_argument("--config", default=None,
                    help="TOML settings file ([model] model/ctx/device/threads); default ./config.toml if present")
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -109,7 +113,20 @@ def load_from_args(args: argparse.Namespace, **kwargs):
     device = pick_device(args.device, no_cuda=args.no_cuda)
     kwargs.setdefault("reference", bool(getattr(args, "reference_math", False)))
     kwargs.setdefault("compile", bool(getattr(args, "compile", False)))
+    if kwargs["compile"]:
+        inductor_cache()
+    kwargs.setdefault("batch_invariant", getattr(args, "deterministic", None) is not False)
     return load_model(path, device=device, context=args.ctx, **kwargs)
+
+
+def inductor_cache() -> None:
+    """Compiled kernels persist across runs in ``~/.cache/nkat/inductor`` (unless
+    ``TORCHINDUCTOR_CACHE_DIR`` names another folder): inductor reads the variable."""
+    import os
+
+    from ..bundled import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
 def write_json(path: str | Path, obj: object) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import Attention, FeedForward, KVCache, RMSNorm, Rotary, Rows, attention_mask
+from .linear import RowLocal
 
 
 class WeightSource(Protocol):
@@ -82,6 +83,7 @@ class DecoderModel(nn.Module):
             self.output = w.tied_linear("token_embd")
         self.max_seq = 0
         self.max_batch = 0
+        self.batch_invariant = True  # the RowLocal layers' default
         self._decode_step = None
 
     def linear_modules(self) -> dict[str, nn.Module]:
@@ -104,6 +106,14 @@ class DecoderModel(nn.Module):
         old = getattr(parent, parts[2])
         setattr(parent, parts[2], module)
         return old
+
+    def set_batch_invariant(self, on: bool) -> int:
+        """Batch-invariant decode on or off (see :mod:`.linear`); returns the layers it concerns."""
+        layers = [m for m in self.modules() if isinstance(m, RowLocal)]
+        for m in layers:
+            m.row_local = on
+        self.batch_invariant = on
+        return len(layers)
 
     def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype = torch.float32) -> None:
         """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens."""

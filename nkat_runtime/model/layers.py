@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import RowLocal, is_decode, rowwise
+
 
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x²) + eps) * w`` over the last dim (GGUF norms are used as stored)."""
@@ -188,8 +190,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh}
 
 
-class FeedForward(nn.Module):
-    """Gated FFN: ``down(act(gate(x)) * up(x))``."""
+class FeedForward(RowLocal, nn.Module):
+    """Gated FFN: ``down(act(gate(x)) * up(x))`` (in a decode step the activation runs row by row
+    unless ``row_local`` is off: see :mod:`.linear`)."""
 
     def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, act: str) -> None:
         super().__init__()
@@ -197,4 +200,6 @@ class FeedForward(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_down(self.act(self.ffn_gate(x)) * self.ffn_up(x))
+        gate = self.ffn_gate(x)
+        gate = rowwise(self.act, gate) if self.row_local and is_decode(x) else self.act(gate)
+        return self.ffn_down(gate * self.ffn_up(x))

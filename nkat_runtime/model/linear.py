@@ -1,8 +1,20 @@
-"""Linear layers the model is built from.
+"""Dense linear layers, and how a batched decode step keeps every row's bits its own.
 
 ``DenseLinear`` holds a weight dequantised once at load to float32: every weight on the
 reference path, the types that do not pack on the fast path (``packed.py``). Packed forms
 and the θ star-product wrap or replace it without the model code knowing.
+
+**Batch invariance.** A sequence decoded among others must get the bits it gets alone, on any
+CPU. A BLAS GEMM does not give that: MKL picks its blocking (and with it each output's
+summation order) from the shape, so a row's result depends on how many rows come with it
+(measured: different bits for 1, 4 and 8 rows on an AMD EPYC, for 1 and 16 on a Xeon). So in a
+decode step (one token per sequence, ``x`` [B, 1, K]) a row-local layer computes every row by
+itself, with the same calls it makes for a batch of one: the row is copied (same alignment
+wherever it sat in the batch) and multiplied by fixed tiles of W's output rows, the rows inner so
+each tile is read from memory once per step. The int4 kernel (``int4.py``) needs none of this:
+each output is one sequential sum over K whatever M is. Transcendental element-wise ops (the
+FFN activation) are applied row by row too: torch computes the tail of each thread's share with
+scalar code, which rounds differently from the vector code, and the shares depend on the size.
 """
 
 from __future__ import annotations
@@ -11,24 +23,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BLOCK_ROWS = 8  # decode-sized inputs are multiplied in blocks of 2 .. 8 rows
+#: bytes of W per tile in a row-local product (fits the L2 cache of current x86 cores)
+TILE_BYTES = 1 << 20
 
 
-def batch_invariant_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x·Wᵀ`` for a few rows, each row's bits independent of how many rows come along.
+def is_decode(x: torch.Tensor) -> bool:
+    """``x`` [B, 1, K]: one token per sequence, the step whose rows must not see each other."""
+    return x.dim() == 3 and x.shape[1] == 1
 
-    Measured here (MKL sgemm, CPU): blocks of 2 to 8 rows give every row the same bits, one
-    row alone (a gemv) does not, 16 rows do not. So a decode step of one sequence computes what
-    the same sequence computes inside a batch of eight: a single row is padded to two, more
-    rows go in blocks of at most eight.
-    """
+
+def tile_rows(out_features: int, in_features: int, element_size: int) -> int:
+    """Output rows per tile of a row-local product: a function of W's shape only."""
+    rows = TILE_BYTES // max(1, in_features * element_size)
+    return max(16, min(out_features, rows // 16 * 16))
+
+
+def row_local_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x·Wᵀ`` for x [M, K], W [N, K], each row computed exactly as it would be alone."""
+    n, k = w.shape
+    step = tile_rows(n, k, w.element_size())
+    rows = [x[i : i + 1].clone() for i in range(x.shape[0])]
+    if len(rows) == 1 and step >= n:
+        return F.linear(rows[0], w)
+    y = torch.empty(x.shape[0], n, dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
+    for start in range(0, n, step):
+        tile = w[start : start + step]
+        for i, row in enumerate(rows):
+            y[i : i + 1, start : start + tile.shape[0]] = F.linear(row, tile)
+    return y
+
+
+def rowwise(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to each row of x [B, ...] on its own (the same call a batch of one makes)."""
     if x.shape[0] == 1:
-        return F.linear(x.expand(2, -1), w)[:1]
-    parts = [x[i : i + BLOCK_ROWS] for i in range(0, x.shape[0], BLOCK_ROWS)]
-    return torch.cat([batch_invariant_linear(p, w) if p.shape[0] == 1 else F.linear(p, w) for p in parts])
+        return fn(x)
+    return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
 
 
-class DenseLinear(nn.Module):
+class RowLocal:
+    """A layer with a batch-invariant decode mode (``row_local``; on by default). Turning it
+    off (``DecoderModel.set_batch_invariant(False)``) multiplies a decode step's rows as one
+    GEMM: faster when dense weights are large, but a row's bits then depend on the batch."""
+
+    row_local: bool = True
+
+
+class DenseLinear(RowLocal, nn.Module):
     """``y = x·Wᵀ (+ b)`` with W [out, in] held dense."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -47,8 +87,8 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computed in the weight's dtype, returned in ``x``'s."""
         w = self.weight
-        if x.numel() < 16 * x.shape[-1]:  # decode: see batch_invariant_linear
-            y = batch_invariant_linear(x.reshape(-1, x.shape[-1]).to(w.dtype), w).view(*x.shape[:-1], -1)
+        if self.row_local and is_decode(x):
+            y = row_local_matmul(x.reshape(-1, x.shape[-1]).to(w.dtype), w).view(*x.shape[:-1], -1)
         elif w.dtype == x.dtype:
             return F.linear(x, w, self.bias)
         else:

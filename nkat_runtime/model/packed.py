@@ -31,7 +31,7 @@ from torch import nn
 from .. import quant
 from ..gguf.reader import TensorRef
 from . import int4
-from .linear import DenseLinear
+from .linear import DenseLinear, is_decode
 
 #: types packed as int4, and into how many parts (4-bit codes: 1; 5- or 8-bit: 2)
 INT4_PARTS = {"Q4_0": 1, "Q4_1": 1, "Q4_K": 1, "Q5_0": 2, "Q5_1": 2, "Q5_K": 2, "Q8_0": 2}
@@ -47,7 +47,8 @@ DENSE_CHUNK = 1 << 23
 class Int4Linear(nn.Module):
     """``y = x·Wᵀ (+ b)`` with W held as one or two packed int4 parts (see module doc).
 
-    Few rows (decode): the int4 kernel, bf16 activations. Many rows (prefill, perplexity):
+    A decode step (any batch size) and a few rows: the int4 kernel, bf16 activations; each output
+    is one sequential sum over K, so a row's bits do not depend on the batch. Many rows (prefill, perplexity):
     W is dequantised from the memory-mapped file, a chunk of output rows at a time, for a
     float32 GEMM: the reference path's exact math, at a cost that many rows amortise.
     """
@@ -70,7 +71,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= self.dense_from_rows:
+        if x2.shape[0] >= self.dense_from_rows and not is_decode(x):  # decode: always the row-local kernel
             y = self._dense(x2.float())
         else:
             x2 = x2.to(torch.bfloat16)
@@ -161,7 +162,6 @@ def pack_linear(ref: TensorRef, device: torch.device, bias: torch.Tensor | None 
                 int4: bool = True, release: Callable[[TensorRef], None] | None = None) -> nn.Module:
     """The fast-path linear for a GGUF weight ``ref`` (see the module doc for the forms);
     ``release(ref)`` drops the file's pages after each use of them."""
-
     parts = int4_parts_for(ref) if int4 else 0
     if parts:
         return Int4Linear(_int4_parts(ref, parts, device, release), ref, bias, release)

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..theta.factors import ThetaFactors
+from .linear import RowLocal, is_decode, row_local_matmul
 
 
-class ThetaLinear(nn.Module):
+class ThetaLinear(RowLocal, nn.Module):
     """``base(x) + 0.5·γ·U'(V'x)``; wraps any linear module (dense or packed).
 
     When the base holds a dense weight and ``restore`` can rebuild its exact source weight
@@ -65,7 +66,12 @@ class ThetaLinear(nn.Module):
         y = self.base(x)
         if self.folded or self.gamma == 0.0:
             return y
-        z = F.linear(F.linear(x.to(self.theta_right.dtype), self.theta_right), self.theta_left)
+        xt = x.to(self.theta_right.dtype)
+        if self.row_local and is_decode(x):
+            z = row_local_matmul(row_local_matmul(xt.reshape(-1, x.shape[-1]), self.theta_right), self.theta_left)
+            z = z.view(*x.shape[:-1], -1)
+        else:
+            z = F.linear(F.linear(xt, self.theta_right), self.theta_left)
         return y + (0.5 * self.gamma) * z.to(y.dtype)
 
 

@@ -124,6 +124,12 @@ class Engine:
     def token_bytes(self, token_id: int) -> bytes:
         return self.lm.tokenizer.token_bytes(token_id)
 
+    def batch_stats(self) -> dict:
+        """Decode steps so far, the most sequences one step carried, and whether decode is batch-invariant."""
+        with self._cond:
+            return {"decode_steps": self.sched.decode_steps, "peak_batch": self.sched.peak_batch,
+                    "batch_invariant": self.lm.model.batch_invariant}
+
     def slot_info(self) -> list[dict]:
         with self._cond:
             return self.sched.slot_info()

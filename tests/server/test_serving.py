@@ -4,6 +4,7 @@ context shift and slot release, on the engine (no HTTP; the server tests cover t
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -16,8 +17,6 @@ from nkat_runtime.serve.kv_slots import PromptCache, plan_reuse
 from nkat_runtime.serve.scheduler import SchedulerConfig
 
 GREEDY = SamplingParams.greedy()
-PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
-           "The three primary colors are"]
 
 
 def req(prompt, **kw) -> GenerationRequest:
@@ -65,27 +64,43 @@ def test_prompt_cache_is_lru_within_its_budget_and_superseded_prefixes_go():
 
 
 # --- the real default model ----------------------------------------------------------------------
+STREAMS = 8
+TOKENS = int(os.environ.get("NKAT_INVARIANCE_TOKENS", "64"))
+STORIES = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
+           "The three primary colors are", "My favourite recipe for soup", "import numpy as np\n",
+           "The history of the Roman Empire", "Dear Sir or Madam,"]
+
+
 @pytest.fixture(scope="module")
 def gemma(model_path):
     lm = load_model(model_path("gemma3-270m"), context=512, progress=False)
-    engine = Engine(lm, config=SchedulerConfig(slots=4))
+    engine = Engine(lm, config=SchedulerConfig(slots=STREAMS))
     yield engine
     engine.close()
 
 
 def test_batched_greedy_equals_one_at_a_time(gemma):
-    alone = [run(gemma, req(p, max_tokens=24)).choices[0] for p in PROMPTS]
+    """8 streams decoded together give, token for token, what each gives alone (batch-invariant
+    decode, the default). The guarantee is per cached prefix: a prompt that reuses cached tokens
+    may differ in its last bits from one computed afresh (as in llama.cpp), so none is reused here. Run it under several instruction sets: ATEN_CPU_CAPABILITY=default|avx2|
+    avx512, MKL_ENABLE_INSTRUCTIONS=AVX2|AVX512 (the slow tier does, at model level)."""
+    # every stream runs all TOKENS steps (so all share every step), and no prompt reuses another's
+    # cached tokens: reuse changes where prefill chunks start, and with them the prompt's bits
+    ban = dict(ban_eos=True, cache_prompt=False)
+    alone = [run(gemma, req(p, max_tokens=TOKENS, **ban)).choices[0] for p in STORIES]
     forget(gemma)
-    gemma.sched.peak_batch = 0
+    sched = gemma.sched
+    sched.peak_batch, steps_before = 0, sched.decode_steps
 
     async def together():
-        return await asyncio.gather(*(result(gemma, req(p, max_tokens=24)) for p in PROMPTS))
+        return await asyncio.gather(*(result(gemma, req(p, max_tokens=TOKENS, **ban)) for p in STORIES))
 
     batched = [o.choices[0] for o in asyncio.run(together())]
-    assert gemma.sched.peak_batch == 4  # all four really decoded in one step
+    # they really decoded together: all 8 in one step, and about TOKENS steps in all (alone: 8 x TOKENS)
+    assert sched.peak_batch == STREAMS and sched.decode_steps - steps_before <= TOKENS + STREAMS
     for a, b in zip(alone, batched):
-        assert a.token_ids == b.token_ids and a.text == b.text and len(a.token_ids) == 24
-    assert len({a.text for a in alone}) == 4  # four different streams, no cross-talk
+        assert len(a.token_ids) == TOKENS and a.token_ids == b.token_ids and a.text == b.text
+    assert len({a.text for a in alone}) == STREAMS  # different streams, no cross-talk
 
 
 def test_aborted_request_frees_its_slot(gemma):

@@ -120,9 +120,14 @@ def test_concurrent_streams_each_get_their_own_text(server, client):
         return "".join(c.choices[0].text for c in chunks if c.choices)
 
     alone = [text(p) for p in prompts]
+    before = server.get("/props").json()["nkat"]
     with ThreadPoolExecutor(3) as pool:
         together = list(pool.map(text, prompts))
+    after = server.get("/props").json()["nkat"]
     assert together == alone and len(set(alone)) == 3
+    # they really shared decode steps: 3 in one step, and far fewer steps than 3 x 16 one at a time
+    assert after["batch_invariant"] and after["peak_batch"] == 3
+    assert after["decode_steps"] - before["decode_steps"] < 2 * 16
     auth = {"Authorization": f"Bearer {KEY}"}
     slots = server.get("/slots", headers=auth).json()
     assert [s["id"] for s in slots] == [0, 1, 2] and not any(s["is_processing"] for s in slots)
