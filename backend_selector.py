@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None) -> int:
     from nkat_runtime.bundled import resolve_model
     from nkat_runtime.cli import common
-    from nkat_selector.check import checklist, print_checklist
+    from nkat_selector.check import checklist, checklist_lines, passed
     from nkat_selector.launch import LaunchError, LaunchOptions, command, run, shown
     from nkat_selector.probe import probe
     from nkat_selector.rules import SelectionError, Settings, decide
@@ -77,7 +77,9 @@ def _main(argv: Sequence[str] | None) -> int:
         print(json.dumps({"probe": asdict(found), "decision": asdict(decision) if decision else None,
                           "error": error or None, "command": shown(cmd).split(" ") if cmd else None}, indent=2))
     if args.check:
-        return 0 if print_checklist(checklist(found, decision, error, opts)) else 2
+        items = checklist(found, decision, error, opts)
+        print("\n".join(checklist_lines(items)))
+        return 0 if passed(items) else 2
     if decision is None:
         print(f"backend_selector: error: {error}", file=sys.stderr)
         return 2

@@ -83,7 +83,6 @@ class Choice:
     prompt_text: str = ""  # the prompt as text (for echo)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the KV cache
-    shifted_tokens: int = 0  # tokens dropped by context shifts while generating
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked

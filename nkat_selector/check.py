@@ -54,11 +54,17 @@ def checklist(probe: Probe, decision: Decision | None, error: str, o: LaunchOpti
     return items
 
 
-def print_checklist(items: list[Item]) -> bool:
-    """Print; True when nothing required failed."""
+def checklist_lines(items: list[Item]) -> list[str]:
+    """The checklist as text, one item (and its fix, when it failed) per line."""
+    lines = []
     for item in items:
         mark = "ok " if item.ok else ("FAIL" if item.required else "note")
-        print(f"[{mark:4}] {item.what}")
+        lines.append(f"[{mark:4}] {item.what}")
         if not item.ok and item.fix:
-            print(f"        → {item.fix}")
+            lines.append(f"        → {item.fix}")
+    return lines
+
+
+def passed(items: list[Item]) -> bool:
+    """True when nothing required failed."""
     return all(item.ok or not item.required for item in items)

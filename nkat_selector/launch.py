@@ -116,8 +116,8 @@ def run(cmd: list[str], o: LaunchOptions, out: TextIO = sys.stderr) -> int:
                 break
             time.sleep(0.3)
         else:
-            print(f"backend_selector: ready: http://{o.host}:{o.port} (Kobold API /api, OpenAI API /v1)",
-                  file=out, flush=True)
+            out.write(f"backend_selector: ready: http://{o.host}:{o.port} (Kobold API /api, OpenAI API /v1)\n")
+            out.flush()
             while proc.poll() is None:
                 time.sleep(0.2)
             reader.join(timeout=2)

@@ -52,13 +52,12 @@ STREAMING = {"/api/extra/generate/stream", "/v1/completions", "/completions", "/
 ERRORS = {"400": "malformed or invalid request", "401": "missing or wrong key (protected routes, with --password)",
           "404": "no such route", "405": "method not allowed on this route",
           "408": "the request body did not arrive in time", "413": "request body too large",
-          "500": "internal error (reported, the server goes on)",
           "503": "queue full or shutting down (Retry-After)"}
 
 
 def statuses(route: Route) -> set[int]:
     """The statuses ``route`` may answer."""
-    out = {200, 404, 405, 500, 503}
+    out = {200, 404, 405, 503}  # not 500: a 500 is a crash (logged; the server goes on), never an answer
     if route.method == "POST":
         out |= {400, 408, 413}
     if route.protected:

@@ -4,8 +4,9 @@ logits) — never another exception, a hang, or a large allocation.
 
 Run as a worker (``python gguf_fuzz.py SEED_FILE... --cases N --seed S``): it prints one line
 per case (``ok``, ``rejected``, ``CRASH <type>: <message>``) and a final ``peak_rss_mb`` line.
-The test (``test_hardening_files.py``) runs it in a subprocess with a memory limit and a
-watchdog, so a hang or a huge allocation is caught as such.
+:func:`campaign` runs it in a subprocess with a memory limit and a watchdog, so a hang or a huge
+allocation is caught as such (``tests/model/test_hardening_files.py``: 2,000 cases;
+``tests/slow/test_fuzz_long.py``: 20,000).
 """
 
 from __future__ import annotations
@@ -171,6 +172,69 @@ def main() -> int:
             print(f"case {i}: {verdict} ({what}; {time.perf_counter() - t0:.2f} s)", flush=True)
     print(f"peak_rss_mb {status_kib('VmHWM') // 1024}", flush=True)
     return 0
+
+
+CASE_TIMEOUT_S = 60  # no case may take longer (a hang)
+
+
+@dataclass
+class Campaign:
+    cases: int
+    loaded: int
+    rejected: int
+    peak_rss_mb: int
+
+
+def fuzz_seeds(tiny_model, folder: Path) -> list[Path]:
+    """Clean seed files: a tiny model of each architecture and a .nkat file."""
+    from nkat_runtime.theta.convert import ConvertOptions, convert
+
+    nkat = folder / "seed.nkat"
+    convert(ConvertOptions(input=tiny_model("llama"), output=nkat, rank=4, progress=False))
+    return [tiny_model("llama"), tiny_model("gemma3"), tiny_model("qwen2"), nkat]
+
+
+def campaign(seeds: list[Path], cases: int, seed: int = 1) -> Campaign:
+    """Run ``cases`` mutated files through a worker process, with a watchdog per case; raises
+    AssertionError on a crash, a hang, a failed worker or a peak RSS of 1.5 GB or more."""
+    import os
+    import queue
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen([sys.executable, __file__, *map(str, seeds), "--cases", str(cases), "--seed", str(seed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    verdicts: dict[str, int] = {"ok": 0, "rejected": 0}
+    crashes, other, peak = [], [], None
+    last = "(before the first case)"
+    while True:
+        try:
+            line = lines.get(timeout=CASE_TIMEOUT_S)
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError(f"a fuzz case hung for {CASE_TIMEOUT_S} s; the last finished: {last}") from None
+        if line is None:
+            break
+        line = line.rstrip()
+        if line.startswith("case "):
+            last = line
+            verdict = line.split(": ", 1)[1]
+            if verdict.startswith("CRASH"):
+                crashes.append(line)
+            else:
+                verdicts[verdict.split(" ", 1)[0]] += 1
+        elif line.startswith("peak_rss_mb"):
+            peak = int(line.split()[1])
+        else:
+            other.append(line)
+    assert proc.wait(60) == 0, "\n".join(other[-20:])
+    assert not crashes, "\n".join(crashes[:20])
+    assert sum(verdicts.values()) == cases
+    assert verdicts["ok"] > 0 and verdicts["rejected"] > 0  # both outcomes were exercised
+    assert peak is not None and peak < 1500, f"peak RSS {peak} MiB"
+    return Campaign(cases, verdicts["ok"], verdicts["rejected"], peak)
 
 
 if __name__ == "__main__":

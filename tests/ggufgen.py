@@ -114,3 +114,22 @@ def write_tiny_model(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def compare_with_gguf_py(path) -> None:
+    """Our parser and gguf-py's reader agree on every metadata value and tensor of ``path``."""
+    import gguf
+
+    from nkat_runtime.gguf.reader import open_gguf
+
+    ours = open_gguf(path)
+    reader = gguf.GGUFReader(path)
+    meta = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    assert meta == ours.metadata
+    assert len(reader.tensors) == len(ours.tensors)
+    for t in reader.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.offset == t.data_offset
+        assert mine.qtype == int(t.tensor_type)
+        assert mine.shape == tuple(reversed(t.shape.tolist()))
+        assert np.array_equal(mine.raw, t.data.reshape(-1).view(np.uint8))

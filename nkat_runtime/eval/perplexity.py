@@ -1,6 +1,6 @@
 """Perplexity by llama.cpp's ``llama-perplexity`` method.
 
-Tokenise the whole text (BOS per the model's ``add_bos_token``), cut it into chunks of
+Tokenise the text (BOS per the model's ``add_bos_token``), cut it into chunks of
 ``n_ctx`` tokens, evaluate each chunk from an empty cache (its first token replaced by BOS
 when the model adds one), and score only the second half of each chunk: the logits at
 positions ``n_ctx/2 … n_ctx-2`` against the next tokens. The ± figure is llama.cpp's:
@@ -26,7 +26,7 @@ class PerplexityResult:
     n_ctx: int
     n_chunks: int
     n_tokens_scored: int
-    n_tokens_text: int
+    n_tokens_text: int  # tokens of the text tokenised (the chunks' share of it when a chunk count is given)
     running: list[float] = field(default_factory=list)  # ppl after each chunk, as llama.cpp prints
     seconds: float = 0.0
 
@@ -67,8 +67,34 @@ def perplexity(
     n_chunks: int | None = None,
     on_chunk: Callable[[int, float], None] | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``text`` by the llama.cpp method; ``on_chunk(i, running_ppl)`` after each chunk."""
-    return perplexity_of_tokens(lm, lm.tokenizer.encode(text, add_special=True), n_ctx, n_chunks, on_chunk)
+    """Perplexity of ``text`` by the llama.cpp method; ``on_chunk(i, running_ppl)`` after each chunk.
+
+    With ``n_chunks`` only as much of the text is tokenised as the chunks need (see
+    :func:`leading_tokens`): the same ids as the whole text's first ones.
+    """
+    if n_chunks is not None and n_chunks > 0:
+        ids = leading_tokens(lm.tokenizer, text, n_chunks * n_ctx)
+    else:
+        ids = lm.tokenizer.encode(text, add_special=True)
+    return perplexity_of_tokens(lm, ids, n_ctx, n_chunks, on_chunk)
+
+
+def leading_tokens(tokenizer, text: str, n: int, chars_per_token: int = 8) -> list[int]:
+    """The first ``n`` ids (at least; fewer when the text has fewer) of ``encode(text, add_special=True)``,
+    tokenising only a prefix of ``text``.
+
+    A prefix tokenises like the whole text except near its cut. A prefix is taken when its first
+    ``n`` ids equal those of a prefix twice as long (the cut then changed nothing before them);
+    the prefix grows until they do, up to the whole text.
+    """
+    size = max(1024, n * chars_per_token)
+    ids = tokenizer.encode(text[:size], add_special=True)
+    while size < len(text):
+        longer = tokenizer.encode(text[: 2 * size], add_special=True)
+        if len(ids) > n and ids[:n] == longer[:n]:
+            return ids
+        size, ids = 2 * size, longer
+    return ids
 
 
 def perplexity_of_tokens(

@@ -30,7 +30,7 @@ class Unpacked(NamedTuple):
         w[b, j] = scales[b, j // G] * (codes[b, j] - o) - mins[b, j // G]    # mins may be None
 
     evaluated in float32 in exactly that order (``codes - o`` is exact), which is also how the
-    handler's ``dequantize_blocks`` computes it.
+    handler's ``dequantize_into`` computes it.
     """
 
     codes: torch.Tensor  # uint8 (int8 for Q8_0) [n_blocks, block_size]
@@ -42,7 +42,7 @@ class QuantHandler:
     """One GGML tensor type: its block geometry and how to dequantise whole blocks.
 
     Handlers are stateless; the registry keeps one instance per type.  Quantised types
-    implement :meth:`unpack` and inherit :meth:`dequantize_into` / :meth:`dequantize_blocks`;
+    implement :meth:`unpack` and inherit :meth:`dequantize_into`;
     plain float types override :meth:`dequantize_into` instead.
     """
 
@@ -71,14 +71,9 @@ class QuantHandler:
         """Codes and per-group scales/mins of ``blocks`` (see :class:`Unpacked`)."""
         raise NotImplementedError(f"{self.name} has no integer-code form")
 
-    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[n, type_size]`` -> float32 ``[n, block_size]``, bit-exact with gguf-py."""
-        out = torch.empty((blocks.shape[0], self.block_size), dtype=torch.float32, device=blocks.device)
-        self.dequantize_into(blocks, out)
-        return out
-
     def dequantize_into(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        """As :meth:`dequantize_blocks`, written into ``out`` (contiguous float32 ``[n, block_size]``).
+        """uint8 ``[n, type_size]`` blocks dequantised, bit-exact with gguf-py, into ``out`` (contiguous
+        float32 ``[n, block_size]``).
 
         In place: codes -> float (exact), ``- code_offset`` (exact), ``* scale`` (one float32
         rounding), ``- min`` (one more).  Separate ops, so nothing is fused into an FMA.

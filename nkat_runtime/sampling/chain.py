@@ -24,20 +24,6 @@ from .params import DEFAULT_ORDER, REP_PEN, TEMPERATURE, TFS, TOP_A, TOP_K, TOP_
 PREFILTER = 5000  # candidates kept before the order list runs (KoboldCpp does the same)
 
 
-def apply_repeat_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float, last_n: int) -> torch.Tensor:
-    """llama.cpp's penalty: a seen token's positive logit is divided by it, a negative one multiplied."""
-    if penalty == 1.0 or not history:
-        return logits
-    recent = history if last_n < 0 else history[-last_n:] if last_n else []
-    if not recent:
-        return logits
-    ids = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
-    vals = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    return logits
-
-
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= logits.numel():
         return logits

@@ -282,7 +282,6 @@ class Scheduler:
             return False
         self.lm.model.shift_kv(slot.row, keep + discard, keep, n - keep - discard)
         slot.tokens = slot.tokens[:keep] + slot.tokens[keep + discard :]
-        task.run.choice.shifted_tokens += discard
         log.info("slot %d: context shift, %d tokens dropped after the first %d", slot.row, discard, keep)
         return True
 

@@ -188,10 +188,6 @@ class Tokenizer:
         return self._add_bos
 
     @property
-    def add_eos(self) -> bool:
-        return self._add_eos
-
-    @property
     def stop_ids(self) -> frozenset[int]:
         """EOS plus end-of-turn / end-of-generation tokens."""
         return self._stop_ids
@@ -262,9 +258,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         text = self.decode_bytes(ids, skip_special).decode("utf-8", errors="replace")
         return text[1:] if self.space_prefix and text.startswith(" ") else text
-
-    def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
-        return StreamDecoder(self, skip_special=skip_special)
 
     def __repr__(self) -> str:
         return f"Tokenizer(model={self.model!r}, vocab_size={self.vocab_size}, bos={self._bos_id}, eos={self._eos_id})"

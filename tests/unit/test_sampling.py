@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from nkat_runtime.sampling.chain import (
-    apply_repeat_penalty,
     make_generator,
     min_p_filter,
     sample,
@@ -41,13 +40,6 @@ def test_top_p_keeps_smallest_set_reaching_p():
 def test_min_p_relative_to_top():
     assert kept(min_p_filter(LOGITS, 0.2)) == [0, 1, 2]  # 0.07 < 0.2 * 0.5
     assert kept(min_p_filter(LOGITS, 0.0)) == [0, 1, 2, 3, 4]
-
-
-def test_repeat_penalty_llama_cpp_rule():
-    logits = torch.tensor([2.0, -2.0, 1.0])
-    out = apply_repeat_penalty(logits, [0, 1, 1], penalty=2.0, last_n=64)
-    assert out.tolist() == [1.0, -4.0, 1.0]
-    assert apply_repeat_penalty(logits, [0], penalty=2.0, last_n=0).tolist() == logits.tolist()
 
 
 def test_greedy_and_seeded_sampling():

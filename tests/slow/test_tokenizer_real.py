@@ -1,15 +1,12 @@
-"""Tokenizer and chat-template tests.
-
-The ``slow`` tests load the three bundled models and compare with transformers' own GGUF tokenizer
-(``AutoTokenizer.from_pretrained(folder, gguf_file=name)``), the acceptance reference. The others use
-small synthetic vocabularies and run in a second.
+"""The tokenizers of the three bundled models against transformers' own GGUF tokenizer
+(``AutoTokenizer.from_pretrained(folder, gguf_file=name)``), the acceptance reference; chat templates
+against transformers' rendering. (Synthetic vocabularies: ``tests/unit/test_tokenizer.py``.)
 """
 
 from __future__ import annotations
 
 import codecs
 import logging
-import os
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -19,10 +16,12 @@ from typing import Any, Callable
 import pytest
 
 from nkat_runtime import bundled
-from nkat_runtime.errors import ChatTemplateError, ModelNotFoundError, TokenizerError
-from nkat_runtime.text.chat_template import CHATML_TEMPLATE, render_chat
-from nkat_runtime.text.tokenizer import BYTE_ENCODER, StreamDecoder, Tokenizer
+from nkat_runtime.errors import ModelNotFoundError
+from nkat_runtime.text.chat_template import render_chat
+from nkat_runtime.text.tokenizer import StreamDecoder, Tokenizer
+from paths import wiki_text_path
 
+pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 
 MODELS: dict[str, Callable[[], Path]] = {
@@ -42,15 +41,9 @@ SAMPLES = [
 ]
 
 
-def _shared_data() -> Path:
-    root = os.environ.get("NKAT_SHARED_DIR")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared"
-    return base / "data" / "wiki_vital_en.txt"
-
-
 @pytest.fixture(scope="module")
 def wiki_bytes() -> bytes:
-    path = _shared_data()
+    path = wiki_text_path()
     if not path.is_file():
         pytest.skip(f"reference text not found at {path} (set NKAT_SHARED_DIR to the folder holding data/)")
     return path.read_bytes()
@@ -114,7 +107,6 @@ def pair(request: pytest.FixtureRequest) -> Pair:
 
 
 # --- real models ----------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_ids_match_transformers_64k(pair: Pair, wiki_64k: str) -> None:
     t0 = time.perf_counter()
     # transformers' encode() matches special-token texts: the same as our parse_special=True
@@ -131,7 +123,6 @@ def test_ids_match_transformers_64k(pair: Pair, wiki_64k: str) -> None:
     assert pair.ours.decode(ours) == wiki_64k
 
 
-@pytest.mark.slow
 def test_whole_file_matches_and_is_fast(pair: Pair, wiki_bytes: bytes) -> None:
     text = wiki_bytes.decode("utf-8")
     t0 = time.perf_counter()
@@ -142,27 +133,24 @@ def test_whole_file_matches_and_is_fast(pair: Pair, wiki_bytes: bytes) -> None:
     assert ours == pair.reference(text, False)
 
 
-@pytest.mark.slow
 def test_transformers_gguf_unpatched_without_digits(pair: Pair, wiki_64k: str) -> None:
     """Without any digit (\\p{N}) in the text, even SmolLM matches transformers' unmodified GGUF tokenizer."""
     text = "".join(c for c in wiki_64k if not unicodedata.category(c).startswith("N"))
     assert pair.ours.encode(text, parse_special=True) == pair.hf.encode(text)
 
 
-@pytest.mark.slow
 def test_round_trip_and_stream(pair: Pair) -> None:
     tok = pair.ours
     for text in SAMPLES:
         ids = tok.encode(text, add_special=pair.specials)
         assert tok.decode(ids) == text, (pair.name, text)
-        stream = tok.stream_decoder()
+        stream = StreamDecoder(tok)
         pieces = [stream.feed(i) for i in ids] + [stream.flush()]
         assert not any("\ufffd" in p for p in pieces), (pair.name, text, pieces)
         assert "".join(pieces) == tok.decode(ids) == pair.hf.decode(ids, skip_special_tokens=True)
         assert ids == pair.reference(text, pair.specials), (pair.name, text)
 
 
-@pytest.mark.slow
 def test_stream_on_wiki_text(pair: Pair, wiki_64k: str) -> None:
     tok = pair.ours
     ids = tok.encode(wiki_64k[:8000])
@@ -172,7 +160,6 @@ def test_stream_on_wiki_text(pair: Pair, wiki_64k: str) -> None:
     assert "".join(pieces) == tok.decode(ids) == wiki_64k[:8000]
 
 
-@pytest.mark.slow
 def test_specials_and_stop_ids(pair: Pair) -> None:
     tok = pair.ours
     assert tok.eos_id in tok.stop_ids
@@ -191,10 +178,10 @@ def test_specials_and_stop_ids(pair: Pair) -> None:
         assert ids[0] == tok.token_to_id("<|im_start|>") and ids[-1] == tok.token_to_id("<|im_end|>")
 
 
-@pytest.mark.slow
 def test_chat_template_matches_transformers(pair: Pair) -> None:
-    if pair.ours.chat_template is None:
-        pytest.skip(f"{pair.name} has no chat template in its GGUF")
+    if pair.ours.chat_template is None:  # Gemma's file carries none: transformers has none either
+        assert not getattr(pair.hf, "chat_template", None)  # (the runtime's fallback: tests/unit)
+        return
     messages = [
         {"role": "system", "content": "You answer in one line. Ünïcödé ✓"},
         {"role": "user", "content": "What is the capital of France?"},
@@ -202,127 +189,3 @@ def test_chat_template_matches_transformers(pair: Pair) -> None:
     ref = pair.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     eos = pair.ours.id_to_token(pair.ours.eos_id) if pair.ours.eos_id is not None else ""
     assert render_chat(pair.ours.chat_template, messages, add_generation_prompt=True, eos_token=eos) == ref
-
-
-# --- synthetic vocabularies (fast) ------------------------------------------------------------------------
-def _spm_meta(**extra: Any) -> dict[str, Any]:
-    tokens = ["<unk>", "<s>", "</s>", "<eot>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3, 3] + [6] * 256
-    words = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "▁hello",
-             "▁w", "or", "▁wor", "ld", "▁world"]
-    tokens += words + ["<tag>"]
-    types += [1] * len(words) + [4]
-    scores = [0.0] * 260 + [-float(i) for i in range(len(words))] + [0.0]
-    meta = {"general.architecture": "llama", "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.scores": scores, "tokenizer.ggml.bos_token_id": 1,
-            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
-    meta.update(extra)
-    return meta
-
-
-def _bpe_meta(**extra: Any) -> dict[str, Any]:
-    alphabet = [BYTE_ENCODER[b] for b in range(256)]
-    merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"]
-    tokens = alphabet + [m.replace(" ", "") for m in merges] + ["<|endoftext|>", "<|im_end|>"]
-    meta = {"general.architecture": "qwen2", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
-            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [1] * (len(tokens) - 2) + [3, 3],
-            "tokenizer.ggml.merges": merges, "tokenizer.ggml.eos_token_id": len(tokens) - 1}
-    meta.update(extra)
-    return meta
-
-
-def test_spm_synthetic() -> None:
-    tok = Tokenizer.from_metadata(_spm_meta())
-    assert tok.add_bos and tok.bos_id == 1 and tok.vocab_size == 279
-    ids = tok.encode("hello world")  # the dummy prefix makes "▁hello"
-    assert [tok.id_to_token(i) for i in ids] == ["<s>", "▁hello", "▁world"]
-    assert tok.decode(ids) == "hello world"
-    assert tok.encode("é", add_special=False) == [tok.token_to_id("▁"), 4 + 0xC3, 4 + 0xA9]  # byte fallback
-    assert tok.token_bytes(tok.token_to_id("▁world")) == b" world"
-    stream = tok.stream_decoder()
-    assert [stream.feed(i) for i in tok.encode("hello é")] == ["", "hello", " ", "", "é"]
-    assert stream.flush() == ""
-    tag, hello = tok.token_to_id("<tag>"), tok.token_to_id("hello")
-    assert tok.encode("hello<tag>hello", add_special=False) == [hello + 1, tag, hello]  # user-defined: always cut out
-    assert tok.encode("<tag>hello", add_special=False) == [tag, hello]  # no dummy prefix after a leading special
-    assert tok.stop_ids == {2}
-    no_prefix = Tokenizer.from_metadata(_spm_meta(**{"tokenizer.ggml.add_space_prefix": False}))
-    assert [no_prefix.id_to_token(i) for i in no_prefix.encode("hello", add_special=False)] == ["hello"]
-
-
-def test_bpe_synthetic() -> None:
-    tok = Tokenizer.from_metadata(_bpe_meta())
-    assert not tok.add_bos and tok.bos_id is None
-    ids = tok.encode("hello world")
-    assert [tok.id_to_token(i) for i in ids] == ["hello", "Ġworld"]
-    assert tok.decode(ids) == "hello world"
-    eot = tok.encode("hi<|endoftext|>", parse_special=True)
-    assert eot[-1] == tok.token_to_id("<|endoftext|>") and tok.decode(eot) == "hi"
-    assert tok.decode(eot, skip_special=False) == "hi<|endoftext|>"
-    assert tok.stop_ids == {tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")}
-    ids = tok.encode("日本🤗")
-    stream = tok.stream_decoder()
-    pieces = [stream.feed(i) for i in ids] + [stream.flush()]
-    assert "".join(pieces) == "日本🤗" and "\ufffd" not in "".join(pieces)
-
-
-def test_bpe_unknown_pre_falls_back(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        tok = Tokenizer.from_metadata(_bpe_meta(**{"tokenizer.ggml.pre": "no-such-pre"}))
-    assert "no-such-pre" in caplog.text
-    assert tok.decode(tok.encode("hello world")) == "hello world"
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"tokenizer.ggml.model": "bert"}, "unsupported tokenizer.ggml.model"),
-        ({"tokenizer.ggml.model": None}, "no tokenizer.ggml.model"),
-        ({"tokenizer.ggml.tokens": []}, "no tokenizer.ggml.tokens"),
-        ({"tokenizer.ggml.merges": None}, "needs tokenizer.ggml.merges"),
-        ({"tokenizer.ggml.token_type": [1, 1]}, "token_type has 2 entries"),
-    ],
-)
-def test_tokenizer_errors(change: dict[str, Any], message: str) -> None:
-    with pytest.raises(TokenizerError, match=message):
-        Tokenizer.from_metadata(_bpe_meta(**change))
-
-
-def test_out_of_range_id() -> None:
-    tok = Tokenizer.from_metadata(_bpe_meta())
-    with pytest.raises(TokenizerError, match="out of range"):
-        tok.decode([tok.vocab_size])
-
-
-# --- chat templates ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "template",
-    [
-        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-        "{{ cycler.__init__.__globals__ }}",
-        "{{ ''.__class__ }}",
-        "{{ messages.append(1) }}",
-        "{% set ns = namespace(_private=1) %}",
-        "{{ raise_exception('no system messages') }}",
-        "{% for message in messages %}",
-        "{{ 1 // 0 }}",
-    ],
-)
-def test_chat_template_errors(template: str) -> None:
-    with pytest.raises(ChatTemplateError):
-        render_chat(template, [{"role": "user", "content": "hi"}])
-
-
-def test_chat_template_features_and_fallback() -> None:
-    messages = [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "hi"}]
-    assert render_chat(None, messages) == render_chat(CHATML_TEMPLATE, messages) == (
-        "<|im_start|>user\nhéllo<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n<|im_start|>assistant\n"
-    )
-    template = (
-        "{{ bos_token }}{% for m in messages %}{% generation %}{{ m | tojson(indent=1) }}{% endgeneration %}\n"
-        "{% endfor %}{% if add_generation_prompt %}{{ eos_token }}{{ answer }}{% endif %}"
-    )
-    out = render_chat(template, messages[:1], bos_token="<s>", eos_token="</s>", answer=42)
-    assert out == '<s>{\n "role": "user",\n "content": "héllo"\n}</s>42'
-    assert render_chat(template, messages[:1], add_generation_prompt=False).endswith("}")
-    assert render_chat("{{ strftime_now('%Y') | length }}", []) == "4"

