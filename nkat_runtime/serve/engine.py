@@ -32,6 +32,7 @@ from .sequence import SequenceRun
 
 log = logging.getLogger(__name__)
 
+
 class Job:
     def __init__(self, prepared: Prepared, loop: asyncio.AbstractEventLoop) -> None:
         self.id = uuid.uuid4().hex
