@@ -83,7 +83,6 @@ class DecoderModel(nn.Module):
             self.output = w.tied_linear("token_embd")
         self.max_seq = 0
         self.max_batch = 0
-        self.batch_invariant = True  # the RowLocal layers' default
         self._decode_step = None
 
     def linear_modules(self) -> dict[str, nn.Module]:
@@ -112,8 +111,12 @@ class DecoderModel(nn.Module):
         layers = [m for m in self.modules() if isinstance(m, RowLocal)]
         for m in layers:
             m.row_local = on
-        self.batch_invariant = on
         return len(layers)
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether every row-local layer computes its rows alone (``set_batch_invariant``)."""
+        return all(m.row_local for m in self.modules() if isinstance(m, RowLocal))
 
     def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype = torch.float32) -> None:
         """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens."""

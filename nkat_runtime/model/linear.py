@@ -90,7 +90,7 @@ class DenseLinear(RowLocal, nn.Module):
         """Computed in the weight's dtype, returned in ``x``'s."""
         w = self.weight
         if self.row_local and is_decode(x):
-            y = row_local_matmul(x.reshape(-1, x.shape[-1]).to(w.dtype), w).view(*x.shape[:-1], -1)
+            y = row_local_matmul(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
         elif w.dtype == x.dtype:
             return F.linear(x, w, self.bias)
         else:

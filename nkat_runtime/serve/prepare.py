@@ -42,9 +42,13 @@ class Prepared:
     prompts: list[PreparedPrompt]
     gen: GenerationParams  # sampling with ids resolved (bias, bans, breakers) and the seed set; max_new per prompt
     seed: int
-    max_tokens: int  # the largest allowed completion length over the prompts
     truncated_tokens: int = 0
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def max_tokens(self) -> int:
+        """The largest allowed completion length over the prompts."""
+        return self.gen.max_new
 
 
 class VocabIndex:
@@ -139,12 +143,11 @@ class Preparer:
             raise InvalidRequestError(str(exc)) from None
         for w in warnings:
             log.warning("%s request: %s", req.dialect, w)
-        max_new = max(p.max_new for p in prompts)
-        gen = GenerationParams(max_new, params, stop, frozenset() if req.bypass_eos else frozenset(stop_ids), phrases,
+        gen = GenerationParams(max(p.max_new for p in prompts), params, stop, frozenset() if req.bypass_eos else frozenset(stop_ids), phrases,
                                logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None,
                                include_stop=not req.trim_stop, skip_special=not req.render_special,
                                cache_prompt=req.cache_prompt)
-        return Prepared(req, prompts, gen, seed, max_new, truncated, warnings)
+        return Prepared(req, prompts, gen, seed, truncated, warnings)
 
     def _fit(self, req: GenerationRequest, src: str | list[int], warnings: list[str]) -> tuple[PreparedPrompt, int]:
         tok, ctx = self.lm.tokenizer, self.lm.context
