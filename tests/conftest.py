@@ -68,6 +68,7 @@ def inductor_cache(tmp_path_factory):
 REAL_MODELS = {
     "gemma3-270m": bundled.gemma3_270m,
     "qwen2.5-coder-0.5b": bundled.qwen25_coder_05b,
+    "qwen2.5-coder-1.5b": bundled.qwen25_coder_15b,
     "smollm2-135m": bundled.smollm2_135m,
 }
 

@@ -120,13 +120,11 @@ def load_from_args(args: argparse.Namespace, **kwargs):
 
 
 def inductor_cache() -> None:
-    """Compiled kernels persist across runs in ``~/.cache/nkat/inductor`` (unless
-    ``TORCHINDUCTOR_CACHE_DIR`` names another folder): inductor reads the variable."""
-    import os
+    """Compiled kernels persist across runs in ``~/.cache/nkat/inductor/<cpu>`` (unless
+    ``TORCHINDUCTOR_CACHE_DIR`` names another folder)."""
+    from ..model.fused import use_kernel_cache
 
-    from ..bundled import cache_dir
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    use_kernel_cache()
 
 
 def write_json(path: str | Path, obj: object) -> None:

@@ -81,6 +81,17 @@ def time_decode(lm: LoadedModel, start_pos: int, first_token: int, steps: int) -
     return DecodeTiming(times)
 
 
+def decode_weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of weights one decode step reads, the file's bytes for the same tensors): every
+    packed or dense matrix once (the embedding's single row is left out)."""
+    ours = file = 0
+    for m in model.modules():
+        if hasattr(m, "file_bytes") and callable(getattr(m, "weight_bytes", None)):
+            ours += m.weight_bytes()
+            file += m.file_bytes
+    return ours, file
+
+
 def tpe_score(ppl: float, overhead_fraction: float) -> float:
     """The guide's TPE score, in the form fixed by the .nkat spec: (1/ppl)/(1 + log10(1 + λ)),
     λ the measured fractional decode slowdown (clamped at 0)."""

@@ -82,6 +82,9 @@ class DenseLinear(RowLocal, nn.Module):
     def in_features(self) -> int:
         return self.weight.shape[1]
 
+    def weight_bytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]

@@ -1,8 +1,8 @@
 """The fast path (packed weights) against the reference path (float32 dequantised weights).
 
-On tensors quantised by gguf-py: every packed type reproduces its dequantised weight up to
+On tensors quantised by gguf-py: the int4 types reproduce their dequantised weight up to
 bf16 rounding, on both the int4 kernel (few rows) and the dense path (many rows); tiny models
-match the reference. (The real models: ``tests/slow/test_fast_path_real.py`` and
+match the reference. (Every type's kernel against float64: ``tests/unit/test_block_kernels.py``.) (The real models: ``tests/slow/test_fast_path_real.py`` and
 ``tests/slow/test_perplexity_real.py``.)
 """
 
@@ -18,10 +18,10 @@ from gguf.quants import quantize
 from nkat_runtime import quant
 from nkat_runtime.gguf.reader import open_gguf
 from nkat_runtime.loader import load_model
-from nkat_runtime.model import int4, packed
+from nkat_runtime.model import fused, int4, packed
 
 CPU = torch.device("cpu")
-INT4_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+INT4_TYPES = [T.Q4_0, T.Q4_1]  # gguf-py quantises these (not Q4_K)
 
 
 def _gguf_with(tmp_path, tensors: dict[str, tuple[np.ndarray, T]]):
@@ -47,7 +47,7 @@ def test_packed_linear_reproduces_dequantised_weight(tmp_path, qtype):
     ref = g.tensor("w")
     w = quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape)
     layer = packed.pack_linear(ref, CPU)
-    assert isinstance(layer, packed.Int4Linear) and layer.n_parts == packed.INT4_PARTS[qtype.name]
+    assert isinstance(layer, packed.Int4Linear)
     # x = identity reads the weight back out of the int4 kernel, column by column
     eye = torch.eye(256)
     recovered = torch.cat([layer(eye[i : i + 8]) for i in range(0, 256, 8)]).t()
@@ -59,11 +59,13 @@ def test_packed_linear_reproduces_dequantised_weight(tmp_path, qtype):
         assert (got - expected[:rows]).abs().max() <= 0.02 * expected[:rows].abs().max()
 
 
-def test_row_chunked_packing_equals_whole(tmp_path, monkeypatch):
-    g = _gguf_with(tmp_path, {"w": (_weight(208, 128), T.Q8_0)})  # 208: not a multiple of 64
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=["int4", "planes"])
+def test_row_chunked_packing_equals_whole(tmp_path, monkeypatch, qtype):
+    g = _gguf_with(tmp_path, {"w": (_weight(208, 128), qtype)})  # 208: not a multiple of 64
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))
     whole = packed.pack_linear(g.tensor("w"), CPU)(x)
     monkeypatch.setattr(int4, "PACK_ROWS", 64)
+    monkeypatch.setattr(packed, "PLANE_CHUNK_BYTES", 64 * 4 * 34)  # 64 rows of 4 Q8_0 blocks
     chunked = packed.pack_linear(g.tensor("w"), CPU)(x)
     assert torch.equal(whole, chunked)
 
@@ -77,11 +79,13 @@ def test_quant_embedding_gathers_exact_rows(tmp_path):
     assert torch.equal(emb(ids), table[ids])
 
 
-def test_types_without_int4_form_fall_back_to_float32(tmp_path):
-    g = _gguf_with(tmp_path, {"w": (_weight(64, 256), T.F16), "odd": (_weight(40, 64), T.Q8_0)})
-    for name in ("w", "odd"):  # F16: no codes (Q6_K, Q3_K, Q2_K: 16-element groups); 40 rows: not a multiple of 16
-        layer = packed.pack_linear(g.tensor(name), CPU)
-        assert not isinstance(layer, packed.Int4Linear) and layer.weight.dtype == torch.float32
+def test_forms_by_type_and_shape(tmp_path):
+    g = _gguf_with(tmp_path, {"f16": (_weight(64, 256), T.F16), "odd": (_weight(40, 64), T.Q4_0),
+                              "q4": (_weight(64, 64), T.Q4_0)})
+    assert packed.pack_linear(g.tensor("f16"), CPU).weight.dtype == torch.float32  # float types: dense
+    assert isinstance(packed.pack_linear(g.tensor("q4"), CPU), packed.Int4Linear)
+    # 40 rows: not a multiple of 16, which the int4 op needs: byte-code planes instead
+    assert isinstance(packed.pack_linear(g.tensor("odd"), CPU), fused.FusedLinear)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

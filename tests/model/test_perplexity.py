@@ -27,11 +27,13 @@ def test_method_on_tiny_model(tiny_model):
         logits = lm.model(torch.tensor([chunk]), torch.arange(16))[0].double()
         logp = torch.log_softmax(logits, -1)
         nll += [-float(logp[i, chunk[i + 1]]) for i in range(8, 15)]
-    assert res.ppl == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-9)
+    # rel 1e-6, not bits: the method runs the head on the scored half only (8 rows: the decode
+    # kernels), this reference on all 16 (the prefill GEMM); a wrongly chosen token moves it by far more
+    assert res.ppl == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-6)
     assert res.running[-1] == pytest.approx(res.ppl)
     mean = sum(nll) / len(nll)
     var = sum(x * x for x in nll) / len(nll) - mean * mean
-    assert res.ppl_error == pytest.approx(math.sqrt(var / (len(nll) - 1)) * res.ppl, rel=1e-9)
+    assert res.ppl_error == pytest.approx(math.sqrt(var / (len(nll) - 1)) * res.ppl, rel=1e-6)
 
 
 def test_cli_output(tiny_model, tmp_path):

@@ -19,7 +19,7 @@ PROMPTS = [
 ]
 
 
-MODELS = ["gemma3-270m", "qwen2.5-coder-0.5b", "smollm2-135m"]
+MODELS = ["gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
