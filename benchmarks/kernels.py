@@ -5,9 +5,10 @@
 
 For each GGUF type, on the shapes that dominate real models (Qwen2.5-1.5B's Q6_K head and
 ffn_down, Gemma 3's tied Q8_0 head, Q4_K and Q5_0 blocks), random blocks are packed into the
-form the loader gives them (``packed.pack_linear``: int4 kernel for 4-bit codes, fused kernels
-over planes for the rest) and, as the baseline these replaced, into a dense float32 weight
-multiplied row by row (``linear.row_local_matmul``). Each call is timed as a decode step of
+form the loader gives them (``packed.pack_linear``: int4 kernel for 4-, 5- and 8-bit codes,
+fused kernels over planes for Q6_K, Q3_K), the planes form for the types int4 took (the
+candidate it was chosen over), and, as the baseline, a dense float32 weight multiplied row
+by row (``linear.row_local_matmul``). Each call is timed as a decode step of
 ``--rows`` sequences (``x`` [M, 1, K]); medians of ``--reps`` calls after a warm-up (which
 compiles the fused kernels). Bytes are what the form holds for the weight, and the file's
 bytes for comparison.
@@ -75,6 +76,9 @@ def main() -> int:
         ref = random_ref(name, n, k)
         layer = packed.pack_linear(ref, torch.device("cpu"))
         forms = [(type(layer).__name__.replace("Linear", ""), layer, layer.weight_bytes())]
+        if isinstance(layer, packed.Int4Linear):  # the candidate it won against: planes, byte codes
+            planes = packed.plane_linear(ref, torch.device("cpu"))
+            forms.append(("Fused", planes, planes.weight_bytes()))
         if not args.no_float32:
             w = dequantize(ref.raw_tensor(), ref.qtype, ref.shape)
             forms.append(("float32", lambda x, w=w: row_local_matmul(x.view(x.shape[0], -1), w), w.numel() * 4))

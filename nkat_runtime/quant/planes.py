@@ -10,16 +10,17 @@ into their reduction, so a product reads the planes and never writes a weight ou
 
 Two forms, chosen by measured speed (``docs/fast-path.md``):
 
-- **byte codes** (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0): every code widened to one int8
-  (``code - offset``, exact), the scale fields as in the file (f16 ``d``/``dmin``, the int8 or
-  6-bit sub-block scales). One load and one convert per weight: about 13–16 G weights/s on two
-  EPYC cores, against 5 G/s for Q6_K's packed bits. Costs bytes: 1.06–1.07 B/weight against
-  the file's 0.69 (Q5_*) and 0.82 (Q6_K); Q8_0 is the file's size.
+- **byte codes** (Q4_*, Q5_*, Q6_K, Q8_0): every code widened to one int8 (``code - offset``,
+  exact), the scale fields as in the file (f16 ``d``/``dmin``, the int8 or 6-bit sub-block
+  scales). One load and one convert per weight: 11–15 G weights/s for one row on two EPYC
+  cores, against 5 G/s when the kernel unpacked Q6_K's bits. Costs bytes: Q6_K 1.07 B/weight
+  against the file's 0.82.
 - **packed bits** (Q2_K, Q3_K): the file's own bits, unpacked in the kernel; these types are
   for small machines, where memory matters more than speed.
 
-4-bit types (Q4_0, Q4_1, Q4_K) go to torch's int4 kernel instead (``model/packed.py``); their
-byte-code form here serves the shapes that kernel refuses (rows not a multiple of 16).
+Q6_K always takes this form. The 4-, 5- and 8-bit types go to torch's int4 kernel
+(``model/packed.py``: faster, at 0.625 or 1.25 B/weight); their byte-code form here serves
+the shapes that kernel refuses (rows not a multiple of 16) and builds without it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from nkat_runtime.loader import load_model
 from nkat_runtime.model import fused, int4, packed
 
 CPU = torch.device("cpu")
-INT4_TYPES = [T.Q4_0, T.Q4_1]  # gguf-py quantises these (not Q4_K)
+INT4_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]  # gguf-py quantises these (not the K-quants)
 
 
 def _gguf_with(tmp_path, tensors: dict[str, tuple[np.ndarray, T]]):
@@ -47,7 +47,7 @@ def test_packed_linear_reproduces_dequantised_weight(tmp_path, qtype):
     ref = g.tensor("w")
     w = quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape)
     layer = packed.pack_linear(ref, CPU)
-    assert isinstance(layer, packed.Int4Linear)
+    assert isinstance(layer, packed.Int4Linear) and layer.n_parts == packed.INT4_PARTS[qtype.name]
     # x = identity reads the weight back out of the int4 kernel, column by column
     eye = torch.eye(256)
     recovered = torch.cat([layer(eye[i : i + 8]) for i in range(0, 256, 8)]).t()
@@ -59,9 +59,10 @@ def test_packed_linear_reproduces_dequantised_weight(tmp_path, qtype):
         assert (got - expected[:rows]).abs().max() <= 0.02 * expected[:rows].abs().max()
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=["int4", "planes"])
-def test_row_chunked_packing_equals_whole(tmp_path, monkeypatch, qtype):
-    g = _gguf_with(tmp_path, {"w": (_weight(208, 128), qtype)})  # 208: not a multiple of 64
+@pytest.mark.parametrize("qtype,rows", [(T.Q8_0, 208), (T.Q8_0, 200)], ids=["int4", "planes"])
+def test_row_chunked_packing_equals_whole(tmp_path, monkeypatch, qtype, rows):
+    # 208: not a multiple of 64 (int4 chunks); 200: not of 16 either (the int4 op refuses it: planes)
+    g = _gguf_with(tmp_path, {"w": (_weight(rows, 128), qtype)})
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))
     whole = packed.pack_linear(g.tensor("w"), CPU)(x)
     monkeypatch.setattr(int4, "PACK_ROWS", 64)

@@ -54,9 +54,11 @@ def check(got: torch.Tensor, x: torch.Tensor, w: np.ndarray, u: float) -> None:
     assert worst <= 1.0, f"error {worst:.3g}× the bound"
 
 
-CASES = [(T.Q4_0, 37, 96), (T.Q4_1, 48, 160), (T.Q4_K, 80, 512), (T.Q5_0, 37, 96), (T.Q5_1, 21, 64),
-         (T.Q8_0, 200, 96), (T.Q8_0, 24, 4160), (T.Q5_K, 19, 512), (T.Q6_K, 45, 768), (T.Q6_K, 16, 5120),
-         (T.Q3_K, 33, 256), (T.Q2_K, 50, 512)]
+# rows a multiple of 16: the int4 kernel (4-, 5-, 8-bit types); other row counts: planes
+CASES = [(T.Q4_0, 48, 96), (T.Q4_0, 37, 96), (T.Q4_1, 48, 160), (T.Q4_K, 80, 512), (T.Q4_K, 19, 512),
+         (T.Q5_0, 48, 96), (T.Q5_0, 37, 96), (T.Q5_1, 32, 64), (T.Q5_1, 21, 64), (T.Q5_K, 32, 512),
+         (T.Q5_K, 19, 512), (T.Q8_0, 64, 128), (T.Q8_0, 200, 96), (T.Q8_0, 24, 4160), (T.Q6_K, 45, 768),
+         (T.Q6_K, 16, 5120), (T.Q3_K, 33, 256), (T.Q2_K, 50, 512)]
 
 
 @pytest.mark.parametrize("qtype,n,k", CASES, ids=[f"{c[0].name}-{c[1]}x{c[2]}" for c in CASES])
