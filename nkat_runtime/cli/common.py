@@ -33,7 +33,7 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="batch-invariant decode (default on): a sequence decoded among others gets the same "
                         "bits, so the same text, as alone; --no-deterministic multiplies a batch's rows in one "
-                        "GEMM, faster with large float32 layers (Q6_K), see docs/server.md")
+                        "GEMM, faster with large float32 layers (F16/F32 weights), see docs/server.md")
     g.add_argument("--config", default=None,
                    help="TOML settings file ([model] model/ctx/device/threads); default ./config.toml if present")
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")

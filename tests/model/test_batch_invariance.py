@@ -2,7 +2,7 @@
 
 Each case prefills 8 sequences one by one, then runs decode steps for all 8 together, for 3 of
 them, and for each alone, and compares the logits bit for bit. It runs on the real models (the
-types and shapes users have: Q6_K float32 layers, biases, tied heads, GQA) and on tiny ones
+types and shapes users have: Q6_K fused planes, two-part int4, biases, tied heads, GQA) and on tiny ones
 (θ over packed weights, the reference path), at torch's thread count and at 3 threads (an odd
 count splits element-wise work unevenly: torch then computes some elements with scalar code).
 The slow tier repeats the real-model case under other instruction sets (``test_isa_matrix``).
