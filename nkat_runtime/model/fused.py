@@ -33,7 +33,8 @@ from .linear import is_decode
 
 log = logging.getLogger(__name__)
 
-#: rows of activations from which a layer (outside a decode step) dequantises tiles for a GEMM
+#: rows of activations from which a packed layer (int4 or planes), outside a decode step,
+#: dequantises its weight for a float32 GEMM instead of running its kernel
 DENSE_FROM_ROWS = 16
 #: weights per dequantised tile (16 MiB of float32)
 TILE_ELEMENTS = 1 << 22
@@ -195,9 +196,6 @@ class FusedLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         return qp.nbytes(self.planes)
-
-    def dequantized(self) -> torch.Tensor:
-        return dequantize_rows(self.planes, self.qtype, 0, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -42,16 +42,13 @@ from .. import quant
 from ..gguf.reader import TensorRef
 from ..quant import planes
 from . import int4
-from .fused import FusedLinear
+from .fused import DENSE_FROM_ROWS, FusedLinear
 from .linear import DenseLinear, is_decode
 
 #: types packed for the int4 kernel, and into how many parts (4-bit codes: 1; 5- or 8-bit: 2)
 INT4_PARTS = {"Q4_0": 1, "Q4_1": 1, "Q4_K": 1, "Q5_0": 2, "Q5_1": 2, "Q5_K": 2, "Q8_0": 2}
 
 
-#: rows of activations from which a layer dequantises its weight and runs a dense float32
-#: GEMM instead of the int4 kernel (which re-expands the weight for every 4 rows)
-DENSE_FROM_ROWS = 16
 #: weight elements dequantised at a time on the dense path (bounds the temporary)
 DENSE_CHUNK = 1 << 23
 
