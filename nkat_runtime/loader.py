@@ -21,8 +21,9 @@ from .errors import ModelFormatError, UnsupportedError
 from .gguf.reader import GGUFFile, open_gguf
 from .model import DecoderModel, ModelConfig, config_for, int4
 from .model.checks import check_tensors, validate_config
+from .model.layout_cache import LayoutCache
 from .model.linear import DenseLinear
-from .model.packed import DenseEmbedding, QuantEmbedding, pack_linear
+from .model.packed import INT4_PARTS, DenseEmbedding, QuantEmbedding, from_layout, layout_of, pack_linear
 from .model.theta_linear import ThetaLinear
 from .text.tokenizer import Tokenizer
 from .theta.factors import ThetaFactors, theta_tensor_names
@@ -66,12 +67,15 @@ class GGUFWeights:
         progress: tqdm | None = None,
         theta_gamma: float | None = None,
         fast: bool = False,
+        layout_cache: bool = True,
     ):
         self.gguf, self.device, self.dtype, self.progress = gguf, device, dtype, progress
         self.theta_gamma = theta_gamma
         self.fast = fast
         self.int4 = fast and int4.int4_available(device)
         self._table: torch.Tensor | None = None
+        options = f"int4={self.int4}|{sorted(INT4_PARTS.items())}"
+        self.layouts = LayoutCache.open(gguf.path, device, options) if fast and layout_cache else None
 
     def has(self, name: str) -> bool:
         return self.gguf.has_tensor(name + ".weight")
@@ -105,7 +109,13 @@ class GGUFWeights:
         if len(ref.shape) != 2:
             raise ModelFormatError(f"{self.gguf.path}: tensor {name}.weight is not a matrix: {ref.shape}")
         if self.fast:
-            layer = pack_linear(ref, self.device, bias, int4=self.int4, release=self.gguf.release)
+            stored = self.layouts.get(name) if self.layouts is not None else None
+            layer = from_layout(ref, stored, bias, self.gguf.release) if stored else None
+            if layer is None:
+                layer = pack_linear(ref, self.device, bias, int4=self.int4, release=self.gguf.release)
+                tensors = layout_of(layer)
+                if tensors is not None and self.layouts is not None:
+                    self.layouts.put(name, tensors)
             self._done(ref)
             return layer
         return DenseLinear(self._load(name + ".weight", self.dtype), bias)
@@ -215,6 +225,7 @@ def load_model(
     reference: bool = False,
     compile: bool = False,
     batch_invariant: bool = True,
+    layout_cache: bool = True,
 ) -> LoadedModel:
     """Open, validate and build the model; allocate the KV cache for ``context`` tokens.
 
@@ -229,6 +240,9 @@ def load_model(
 
     For a .nkat file, θ is applied with the file's γ (``nkat.theta.gamma``) unless
     ``theta_gamma`` overrides it; ``theta=False`` loads the plain source model.
+
+    ``layout_cache`` reads the packed weights back from ``~/.cache/nkat/layouts`` when an
+    earlier start stored them, and stores them otherwise (``model/layout_cache.py``).
     """
     t0 = time.perf_counter()
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -253,9 +267,12 @@ def load_model(
         gamma = None
         if theta and gguf.get("nkat.version") is not None:
             gamma = float(theta_gamma if theta_gamma is not None else gguf.get("nkat.theta.gamma", 1.0))
-        model = DecoderModel(cfg, GGUFWeights(gguf, dev, dtype, bar, theta_gamma=gamma, fast=not reference))
+        weights = GGUFWeights(gguf, dev, dtype, bar, theta_gamma=gamma, fast=not reference, layout_cache=layout_cache)
+        model = DecoderModel(cfg, weights)
     finally:
         bar.close()
+    if weights.layouts is not None:
+        weights.layouts.save()
     model.eval()
     model.set_batch_invariant(batch_invariant)
     trim_heap()

@@ -55,6 +55,20 @@ def wiki_text() -> str:
     return path.read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def layout_cache(tmp_path_factory):
+    """Packed layouts of this run's loads go to a folder of the run (tests load many throwaway
+    files), unless NKAT_LAYOUT_CACHE says otherwise; server children inherit it."""
+    if "NKAT_LAYOUT_CACHE" in os.environ:
+        yield None
+        return
+    folder = tmp_path_factory.mktemp("layouts")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NKAT_LAYOUT_CACHE", str(folder))
+    yield folder
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def inductor_cache(tmp_path_factory):
     """One inductor cache for every compiling test of the run (kernels compiled once)."""

@@ -17,14 +17,16 @@ eagerly, a tile at a time: correct, slower, and said once in the log.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import platform
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
@@ -84,32 +86,81 @@ RECOMPILE_LIMIT = 256
 
 
 def use_kernel_cache() -> None:
-    """Point inductor at ``~/.cache/nkat/inductor/<cpu>`` unless TORCHINDUCTOR_CACHE_DIR is set,
-    and let dynamo keep a compiled variant per (type, row length) (as vLLM raises its limit)."""
-    import torch._dynamo.config
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
+    """Point inductor at ``~/.cache/nkat/inductor/<cpu>`` unless TORCHINDUCTOR_CACHE_DIR is set."""
     from ..bundled import cache_dir
 
-    # torch writes its default into the variable when inductor first looks: that one is not a choice
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor" / _cpu_tag())
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None:  # inductor is imported already if it wrote its default (importing it: 1.5 s)
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        if current != default_cache_dir():  # torch writes its default there when it first looks: no choice
+            return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor" / _cpu_tag())
+
+
+@lru_cache(maxsize=None)
+def trust_vec_isa() -> bool:
+    """Skip inductor's vector-ISA probes on starts after the first (1.4 s each start here).
+
+    inductor checks every vector instruction set the CPU reports by compiling a probe library and
+    loading it in a child Python, again on every start. Once all of them passed on this machine
+    with this torch and compiler, a stamp in the kernel cache says so and ``vec_isa_ok`` is set;
+    it is set on the first start too, right after the probes pass, so that every start compiles
+    under the same inductor configuration (it is part of the kernel cache's key). True when set.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpp_builder, cpu_vec_isa
+
+    if inductor_config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    flags = cpu_vec_isa.x86_isa_checker()
+    candidates = [str(i) for i in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]
+    try:
+        compiler = cpp_builder.get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - no compiler: inductor reports it on its own
+        return False
+    ident = json.dumps([torch.__version__, sorted(flags), candidates, compiler])
+    stamp = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")) / "nkat-vec-isa-ok.json"
+    try:
+        known = stamp.read_text() == ident
+    except OSError:
+        known = False
+    if not known:
+        if [str(i) for i in cpu_vec_isa.valid_vec_isa_list()] != candidates:
+            return False  # a probe failed: inductor goes on probing (and picks what passed)
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(ident)
+            os.replace(tmp, stamp)
+        except OSError:
+            pass
+    inductor_config.cpp.vec_isa_ok = True
+    return True
 
 
 class _Kernel:
     """One fused function, compiled on first use; eager when compiling fails."""
 
-    def __init__(self, fn: Callable, name: str) -> None:
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable, name: str, unbacked_rows: bool = False) -> None:
+        self.fn, self.name, self.unbacked_rows = fn, name, unbacked_rows
         self.compiled: Callable | None = None
         self.failed = os.environ.get("NKAT_NO_COMPILE") == "1"
 
     def __call__(self, *args):
         if not self.failed:
+            import torch._dynamo  # imported here, not with the module: 1.3 s, and only compiling needs it
+
             if self.compiled is None:
                 use_kernel_cache()
+                trust_vec_isa()
+                # a compiled variant per (type, row length): all share one code object (vLLM raises it too)
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
                 self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            # one compiled kernel for every row count, 1 included: dynamo would otherwise specialise
+            # M = 1 into a kernel of its own, with another summation order (measured: other bits)
+            if self.unbacked_rows:
+                torch._dynamo.decorators.mark_unbacked(args[-1], 0)
             try:
                 return self.compiled(*args)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
@@ -125,7 +176,7 @@ class _Kernel:
 
 @lru_cache(maxsize=None)
 def product_kernel(qtype: int, k: int) -> _Kernel:
-    return _Kernel(_product(qtype), f"product[{qtype}, K={k}]")
+    return _Kernel(_product(qtype), f"product[{qtype}, K={k}]", unbacked_rows=True)
 
 
 @lru_cache(maxsize=None)
@@ -153,9 +204,6 @@ def fused_matmul(planes: qp.Planes, qtype: int, x: torch.Tensor) -> torch.Tensor
     """float32 x [M, K] · Wᵀ → [M, N], reading only the planes."""
     if torch.compiler.is_compiling():  # inside a compiled model step: traced into its graph
         return _product(qtype)(planes, x).t().contiguous()
-    # one compiled kernel for every row count, 1 included: dynamo would otherwise specialise
-    # M = 1 into a kernel of its own, with another summation order (measured: other bits)
-    torch._dynamo.decorators.mark_unbacked(x, 0)
     y = product_kernel(qtype, x.shape[1])(planes, x)
     if y is not None:
         return y.t().contiguous()  # contiguous: a strided result would take other code paths downstream

@@ -211,6 +211,37 @@ def pack_linear(ref: TensorRef, device: torch.device, bias: torch.Tensor | None 
     return layer
 
 
+def layout_of(layer: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The tensors a packed layer was built from (``layout_cache.py`` stores them), or None."""
+    if isinstance(layer, Int4Linear):
+        return {f"int4.{name}": t for name, t in layer.named_buffers()}
+    if isinstance(layer, FusedLinear):
+        return {f"planes.{name}": t for name, t in layer.planes.items()}
+    return None
+
+
+def from_layout(ref: TensorRef, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
+                release: Callable[[TensorRef], None] | None = None) -> nn.Module | None:
+    """The layer ``layout_of`` described, rebuilt without packing; None when it does not fit ``ref``."""
+    forms = {name.partition(".")[0] for name in tensors}
+    n = ref.shape[0]
+    if forms == {"int4"}:
+        parts = [(tensors.get(f"int4.packed{i}"), tensors.get(f"int4.sz{i}")) for i in range(2)]
+        parts = [(p, z) for p, z in parts if p is not None and z is not None]
+        if not parts or any(p.shape[0] != n or z.shape[1] != n for p, z in parts):
+            return None
+        layer: nn.Module = Int4Linear(parts, ref, bias, release)
+    elif forms == {"planes"} and ref.qtype in PLANE_TYPES:
+        found = {name.partition(".")[2]: t for name, t in tensors.items()}
+        if any(t.shape[0] != n for t in found.values()):
+            return None
+        layer = FusedLinear(found, ref.qtype, (n, ref.shape[1]), ref.type_name, bias)
+    else:
+        return None
+    layer.file_bytes = ref.nbytes
+    return layer
+
+
 class QuantEmbedding(nn.Module):
     """Token embedding looked up from the quantised table: only the used rows are dequantised.
 
