@@ -95,8 +95,8 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
     """Run trials until the study holds ``n_trials`` finished ones; returns how many ran here.
 
     Workers sharing the storage never overshoot: a worker whose trial would be one too many
-    waits for the others' trials in flight, and prunes its own once they finished (a pruned
-    trial is not a result). Ctrl-C (through :class:`InterruptGate`) raises KeyboardInterrupt
+    waits for the earlier-numbered trials in flight, and prunes its own once they finished (a
+    pruned trial is not a result). Ctrl-C (through :class:`InterruptGate`) raises KeyboardInterrupt
     after Optuna failed the trial in flight, or, when it came between trials, before the next one
     (or when the study is complete).
     """
@@ -128,9 +128,12 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
             complete = sum(t.state == TrialState.COMPLETE for t in live)
             if complete >= n_trials:
                 raise optuna.TrialPruned("the study already has its trials")
-            if len([t for t in live if t.number != trial.number]) < n_trials:
+            # the running trials numbered before this one go first: two workers each waiting on the
+            # other's trial would wait for ever (seen under load: both held the 8th slot of 8)
+            ahead = [t for t in live if t.state == TrialState.COMPLETE or t.number < trial.number]
+            if len(ahead) < n_trials:
                 break
-            time.sleep(1.0)  # other workers hold the last slots: wait for them to finish or fail
+            time.sleep(1.0)  # earlier trials hold the last slots: wait for them to finish or fail
         rank, gamma = suggest(trial, cfg)
         result = search.evaluate(rank, gamma)
         for key, value in result.as_dict().items():
