@@ -6,6 +6,7 @@ final tensor (reference path: float32), so the file is never copied whole into R
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,12 +19,20 @@ from tqdm import tqdm
 
 from . import quant
 from .errors import ModelFormatError, UnsupportedError
-from .gguf.reader import GGUFFile, open_gguf
+from .gguf.reader import GGUFFile, TensorRef, open_gguf
 from .model import DecoderModel, ModelConfig, config_for, int4
-from .model.checks import check_tensors, validate_config
+from .model.checks import check_metadata, check_tensors, validate_config
 from .model.layout_cache import LayoutCache
 from .model.linear import DenseLinear
-from .model.packed import INT4_PARTS, DenseEmbedding, QuantEmbedding, from_layout, layout_of, pack_linear
+from .model.packed import (
+    INT4_PARTS,
+    DenseEmbedding,
+    QuantEmbedding,
+    from_layout,
+    layout_of,
+    pack_linear,
+    row_slice,
+)
 from .model.theta_linear import ThetaLinear
 from .text.tokenizer import Tokenizer
 from .theta.factors import ThetaFactors, theta_tensor_names
@@ -80,6 +89,9 @@ class GGUFWeights:
     def has(self, name: str) -> bool:
         return self.gguf.has_tensor(name + ".weight")
 
+    def has_bias(self, name: str) -> bool:
+        return self.gguf.has_tensor(name + ".bias")
+
     def _load(self, full_name: str, dtype: torch.dtype) -> torch.Tensor:
         ref = self.gguf.tensor(full_name)
         t = quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape)
@@ -104,21 +116,49 @@ class GGUFWeights:
         self._table = self._load(name + ".weight", self.dtype)
         return DenseEmbedding(self._table)
 
-    def _matrix(self, name: str, bias: torch.Tensor | None) -> nn.Module:
-        ref = self.gguf.tensor(name + ".weight")
-        if len(ref.shape) != 2:
-            raise ModelFormatError(f"{self.gguf.path}: tensor {name}.weight is not a matrix: {ref.shape}")
+    def _matrix(self, name: str, bias: torch.Tensor | None, rows: tuple[int, int] | None = None) -> nn.Module:
+        """The linear of ``name``'s weight, or of its rows ``start:stop`` (a fused tensor's part)."""
+        whole = self._rows_view(name)
+        if len(whole.shape) != 2:
+            raise ModelFormatError(f"{self.gguf.path}: tensor {name}.weight is not a matrix: {whole.shape}")
+        ref, key = whole, name
+        if rows is not None:
+            ref, key = row_slice(whole, *rows), f"{name}[{rows[0]}:{rows[1]}]"
+        last = rows is None or rows[1] == whole.shape[0]  # the tensor counts once in the progress bar
         if self.fast:
-            stored = self.layouts.get(name) if self.layouts is not None else None
+            stored = self.layouts.get(key) if self.layouts is not None else None
             layer = from_layout(ref, stored, bias, self.gguf.release) if stored else None
             if layer is None:
                 layer = pack_linear(ref, self.device, bias, int4=self.int4, release=self.gguf.release)
                 tensors = layout_of(layer)
                 if tensors is not None and self.layouts is not None:
-                    self.layouts.put(name, tensors)
-            self._done(ref)
-            return layer
-        return DenseLinear(self._load(name + ".weight", self.dtype), bias)
+                    self.layouts.put(key, tensors)
+            self.gguf.release(ref)
+        else:
+            w = quant.dequantize(ref.raw_tensor(), ref.qtype, ref.shape)
+            layer = DenseLinear(w.to(device=self.device, dtype=self.dtype), bias)
+        if last and self.progress is not None:
+            self.progress.update(1)
+        return layer
+
+    def _rows_view(self, name: str) -> TensorRef:
+        """``name``'s weight as a matrix of rows: a 3-D expert tensor [experts, rows, K] becomes
+        [experts·rows, K] (each expert's rows follow each other in the file)."""
+        ref = self.gguf.tensor(name + ".weight")
+        if len(ref.shape) == 3:
+            ref = dataclasses.replace(ref, shape=(ref.shape[0] * ref.shape[1], ref.shape[2]))
+        return ref
+
+    def linear_rows(self, name: str, start: int, stop: int) -> nn.Module:
+        """Rows ``start:stop`` of a fused weight (phi3's ``attn_qkv``, its gate+up ``ffn_up``, one
+        expert of a 3-D expert tensor) as a linear of their own: rows are independent in every
+        GGUF type, so no bytes are copied."""
+        whole = self._rows_view(name)
+        if not 0 <= start < stop <= whole.shape[0]:
+            raise ModelFormatError(f"{self.gguf.path}: rows {start}:{stop} of {name}.weight {list(whole.shape)}")
+        if self.theta(name + ".weight") is not None:
+            raise UnsupportedError(f"{self.gguf.path}: θ on the fused tensor {name}.weight is not supported")
+        return self._matrix(name, None, (start, stop))
 
     def linear(self, name: str, bias: bool = False) -> nn.Module:
         b = self._load(name + ".bias", torch.float32) if bias else None
@@ -256,6 +296,7 @@ def load_model(
         raise UnsupportedError(f"{gguf.path.name}: tensor type {kind} (e.g. tensor {name}) is not supported; "
                                f"supported: {', '.join(quant.type_name(t) for t in sorted(quant.SUPPORTED_TYPES))}")
     validate_config(cfg)
+    check_metadata(cfg, gguf.metadata)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     check_tensors(cfg, gguf.tensors, tokenizer.vocab_size)
     n_ctx = min(context or DEFAULT_CONTEXT, cfg.context_length) if not context else context

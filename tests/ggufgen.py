@@ -46,8 +46,11 @@ def write_tiny_model(
     sliding_window: int = 4,
     seed: int = 0,
     chat_template: str | None = None,
+    extra_tensors: dict[str, tuple[int, ...]] | None = None,
+    extra_metadata: dict[str, int | float] | None = None,
 ) -> Path:
-    """Write a random-weight model of ``arch`` (llama, qwen2 or gemma3) to ``path``."""
+    """Write a random-weight model of ``arch`` (llama, qwen2 or gemma3) to ``path``; ``extra_tensors``
+    (name -> shape, F32) and ``extra_metadata`` (key -> number) are added as given."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = tiny_vocab()
     n_vocab = len(tokens)
@@ -109,6 +112,10 @@ def write_tiny_model(
             _add(w, p + "attn_k_norm.weight", norm(head_dim), T.F32)
             _add(w, p + "post_attention_norm.weight", norm(n_embd), T.F32)
             _add(w, p + "post_ffw_norm.weight", norm(n_embd), T.F32)
+    for name, shape in (extra_tensors or {}).items():
+        _add(w, name, rnd(*shape), T.F32)
+    for key, value in (extra_metadata or {}).items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

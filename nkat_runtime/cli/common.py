@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .. import bundled
 from ..errors import NKATError
 
 EXIT_USAGE = 2
@@ -17,8 +18,8 @@ EXIT_USAGE = 2
 def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = None) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", "-m", default=None,
-                   help="a .gguf/.nkat file, or a bundled alias (gemma3-270m, qwen2.5-coder-0.5b, "
-                        "smollm2-135m); default: the bundled Gemma 3 270M Q4_K_M")
+                   help=f"a .gguf/.nkat file, or a bundled alias ({', '.join(bundled.ALIASES)}); "
+                        "default: the bundled Gemma 3 270M Q4_K_M")
     g.add_argument("--ctx", "--contextsize", dest="ctx", type=int, default=ctx_default,
                    help="context size in tokens (default: 4096, capped at the model's trained context)")
     g.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")

@@ -5,14 +5,18 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import UnsupportedError
-from . import gemma3, llama, qwen2
+from . import gemma2, gemma3, llama, phi3, qwen2, qwen3, qwen3moe
 from .config import ModelConfig
 from .decoder import DecoderModel, WeightSource
 
 ARCHITECTURES: dict[str, Callable[[dict[str, Any], int], ModelConfig]] = {
     "llama": llama.config,
     "qwen2": qwen2.config,
+    "qwen3": qwen3.config,
+    "qwen3moe": qwen3moe.config,
+    "gemma2": gemma2.config,
     "gemma3": gemma3.config,
+    "phi3": phi3.config,
 }
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers import Attention, FeedForward, KVCache, RMSNorm, Rotary, Rows, attention_mask
 from .linear import RowLocal
+from .moe import MoEFeedForward
 
 
 class WeightSource(Protocol):
@@ -22,13 +23,32 @@ class WeightSource(Protocol):
 
     def has(self, name: str) -> bool: ...
 
+    def has_bias(self, name: str) -> bool: ...
+
     def vector(self, name: str) -> torch.Tensor: ...
 
     def embedding(self, name: str) -> nn.Module: ...  # token ids [B, T] -> vectors [B, T, D]
 
     def linear(self, name: str, bias: bool = False) -> nn.Module: ...
 
+    def linear_rows(self, name: str, start: int, stop: int) -> nn.Module: ...  # part of a fused weight
+
     def tied_linear(self, name: str) -> nn.Module: ...  # the head sharing embedding ``name``
+
+
+def feed_forward(cfg: ModelConfig, w: WeightSource, p: str) -> nn.Module:
+    """Block ``p``'s FFN: gated, with gate and up apart or fused (phi3), or a mixture of experts."""
+    if cfg.n_expert:  # each expert a gated FFN over its rows of the 3-D expert tensors
+        ff, d = cfg.n_ff_expert, cfg.n_embd
+        rows = lambda n, e, width: w.linear_rows(p + n, e * width, (e + 1) * width)  # noqa: E731
+        experts = [FeedForward(rows("ffn_gate_exps", e, ff), rows("ffn_up_exps", e, ff), rows("ffn_down_exps", e, d),
+                               cfg.act) for e in range(cfg.n_expert)]
+        return MoEFeedForward(w.linear(p + "ffn_gate_inp"), experts, cfg.n_expert_used, cfg.expert_weights_scale)
+    if cfg.fused_gate_up:  # phi3: gate rows, then up rows, in ffn_up
+        gate, up = w.linear_rows(p + "ffn_up", 0, cfg.n_ff), w.linear_rows(p + "ffn_up", cfg.n_ff, 2 * cfg.n_ff)
+    else:
+        gate, up = w.linear(p + "ffn_gate"), w.linear(p + "ffn_up")
+    return FeedForward(gate, up, w.linear(p + "ffn_down"), cfg.act)
 
 
 class Block(nn.Module):
@@ -38,11 +58,20 @@ class Block(nn.Module):
         norm = lambda n: RMSNorm(w.vector(p + n), cfg.rms_eps)  # noqa: E731
         self.is_swa = cfg.swa_layers[i]
         self.attn_norm = norm("attn_norm")
+        # a bias is used where the file has one (llama files may carry all four, qwen2 has q/k/v)
+        bias = lambda n: w.has_bias(p + n) or (cfg.qkv_bias and n != "attn_output")  # noqa: E731
+        if w.has(p + "attn_qkv"):  # phi3: q, k and v rows in one tensor
+            q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+            wq = w.linear_rows(p + "attn_qkv", 0, q_rows)
+            wk = w.linear_rows(p + "attn_qkv", q_rows, q_rows + kv_rows)
+            wv = w.linear_rows(p + "attn_qkv", q_rows + kv_rows, q_rows + 2 * kv_rows)
+        else:
+            wq, wk, wv = (w.linear(p + n, bias=bias(n)) for n in ("attn_q", "attn_k", "attn_v"))
         self.attn = Attention(
-            w.linear(p + "attn_q", bias=cfg.qkv_bias),
-            w.linear(p + "attn_k", bias=cfg.qkv_bias),
-            w.linear(p + "attn_v", bias=cfg.qkv_bias),
-            w.linear(p + "attn_output"),
+            wq,
+            wk,
+            wv,
+            w.linear(p + "attn_output", bias=bias("attn_output")),
             cfg.n_head,
             cfg.n_head_kv,
             cfg.head_dim,
@@ -50,10 +79,11 @@ class Block(nn.Module):
             rotary=None,  # type: ignore[arg-type]  # set by setup_caches
             q_norm=norm("attn_q_norm") if cfg.qk_norm else None,
             k_norm=norm("attn_k_norm") if cfg.qk_norm else None,
+            softcap=cfg.attn_softcap,
         )
         self.post_attention_norm = norm("post_attention_norm") if cfg.post_norms else None
         self.ffn_norm = norm("ffn_norm")
-        self.ffn = FeedForward(w.linear(p + "ffn_gate"), w.linear(p + "ffn_up"), w.linear(p + "ffn_down"), cfg.act)
+        self.ffn = feed_forward(cfg, w, p)
         self.post_ffw_norm = norm("post_ffw_norm") if cfg.post_norms else None
         self.cache: KVCache | None = None
 
@@ -77,7 +107,9 @@ class DecoderModel(nn.Module):
         self.token_embd = w.embedding("token_embd")
         self.layers = nn.ModuleList(Block(cfg, i, w) for i in range(cfg.n_layer))
         self.output_norm = RMSNorm(w.vector("output_norm"), cfg.rms_eps)
-        if w.has("output") and not cfg.tied_output:
+        self.rope_freqs = w.vector("rope_freqs") if w.has("rope_freqs") else None
+        self.rope_factors = {n: w.vector(f"rope_factors_{n}") for n in ("long", "short") if w.has(f"rope_factors_{n}")}
+        if w.has("output"):  # as llama.cpp: a file's own head wins, also where the model ties it
             self.output = w.linear("output")
         else:
             self.output = w.tied_linear("token_embd")
@@ -122,8 +154,12 @@ class DecoderModel(nn.Module):
         """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens."""
         cfg = self.config
         device = self.output_norm.weight.device
-        rope_global = Rotary(cfg.rope_dim, cfg.rope_base, max_seq, cfg.rope_scale, cfg.rope_neox).to(device)
-        rope_local = Rotary(cfg.rope_dim, cfg.rope_base_swa, max_seq, 1.0, cfg.rope_neox).to(device)
+        factors = self.rope_freqs
+        if cfg.longrope and self.rope_factors:  # llama.cpp: long factors when the context exceeds the original
+            factors = self.rope_factors["long" if cfg.rope_orig_ctx and max_seq > cfg.rope_orig_ctx else "short"]
+        rope_global = Rotary(cfg.rope_dim, cfg.rope_base, max_seq, cfg.rope_scale, cfg.rope_neox, factors,
+                             cfg.yarn, cfg.rope_attn_factor).to(device)
+        rope_local = Rotary(cfg.rope_dim, cfg.rope_base_swa, max_seq, 1.0, cfg.rope_neox, factors).to(device)
         for layer in self.layers:
             layer.attn.rotary = rope_local if layer.is_swa else rope_global
             layer.cache = KVCache(max_batch, cfg.n_head_kv, max_seq, cfg.head_dim, dtype, device)
@@ -201,7 +237,12 @@ class DecoderModel(nn.Module):
             x = x[:, -1:]
         elif logits_from:
             x = x[:, logits_from:]
-        return self.output(self.output_norm(x)).float()
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.output(self.output_norm(x)).float()
+        cap = self.config.final_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def _layers(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | list | None,
                 mask_local: torch.Tensor | list | None, kv_len: int, rows: Rows | None = None) -> torch.Tensor:
@@ -213,7 +254,7 @@ class DecoderModel(nn.Module):
                 mask_local: torch.Tensor | list | None, kv_len: int, rows: Rows | None = None) -> torch.Tensor:
         """One decode step after the embedding: what ``compile_decode`` compiles."""
         x = self._layers(x, pos, mask_global, mask_local, kv_len, rows)
-        return self.output(self.output_norm(x)).float()
+        return self._logits(x)
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps (one token per sequence) through ``torch.compile``.

@@ -3,10 +3,13 @@ attention and feed-forward. Weight names follow GGUF (``attn_q``, ``ffn_gate``, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import Yarn
 from .linear import RowLocal, is_decode, rowwise
 
 
@@ -29,19 +32,28 @@ class Rotary(nn.Module):
     ``neox=False`` rotates adjacent pairs (x[2i], x[2i+1]) as llama.cpp's "normal" mode
     (GGUF llama Q/K weights are permuted for it); ``neox=True`` rotates the halves
     (x[i], x[i + d/2]). Only the first ``rot_dim`` dims of each head are rotated.
+    ``freq_factors`` [rot_dim/2] divide the frequencies (GGUF ``rope_freqs.weight``: Llama 3.1's
+    scaling, as llama.cpp's ``ggml_rope_ext`` applies it).
     """
 
-    def __init__(self, rot_dim: int, base: float, max_pos: int, scale: float = 1.0, neox: bool = False) -> None:
+    def __init__(self, rot_dim: int, base: float, max_pos: int, scale: float = 1.0, neox: bool = False,
+                 freq_factors: torch.Tensor | None = None, yarn: Yarn | None = None, attn_factor: float = 1.0) -> None:
         super().__init__()
         self.rot_dim = rot_dim
         self.neox = neox
         self.scale = scale
         inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.to(torch.float64).cpu()
+        mscale = attn_factor  # phi3 longrope: q and k scaled (YaRN has its own below)
+        if yarn is not None:
+            inv_freq, mscale = yarn_frequencies(inv_freq, rot_dim, base, yarn)
         self.inv_freq = inv_freq
         pos = torch.arange(max_pos, dtype=torch.float64) / scale
         angles = torch.outer(pos, inv_freq)  # [max_pos, rot_dim/2]
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        # YaRN scales q and k (so the logits by mscale²); key shifts rotate without it
+        self.register_buffer("cos", (angles.cos() * mscale).float(), persistent=False)
+        self.register_buffer("sin", (angles.sin() * mscale).float(), persistent=False)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, D], pos: [T] (or [B, T]) positions."""
@@ -63,6 +75,23 @@ class Rotary(nn.Module):
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
         out = out.to(x.dtype)
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def yarn_frequencies(inv_freq: torch.Tensor, rot_dim: int, base: float, y: Yarn) -> tuple[torch.Tensor, float]:
+    """YaRN's per-pair frequencies and magnitude scale, as llama.cpp computes them
+    (``ggml_rope_yarn_corr_dims`` and ``rope_yarn``; ``llama-context.cpp`` cancels its own
+    attn_factor so that the net scale is ``(1 + 0.1 ln factor) · attn_factor``)."""
+
+    def corr_dim(n_rot: float) -> float:
+        return rot_dim * math.log(y.orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(0.0, math.floor(corr_dim(y.beta_fast)))
+    high = min(rot_dim - 1.0, math.ceil(corr_dim(y.beta_slow)))
+    i = torch.arange(rot_dim // 2, dtype=torch.float64)
+    ramp = (1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)) * y.ext_factor
+    mixed = inv_freq / y.factor * (1 - ramp) + inv_freq * ramp
+    mscale = y.attn_factor * (1 + 0.1 * math.log(y.factor) if y.ext_factor != 0 and y.factor > 1 else 1.0)
+    return mixed, mscale
 
 
 class Rows:
@@ -145,10 +174,12 @@ class Attention(nn.Module):
         rotary: Rotary,
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
+        softcap: float = 0.0,
     ) -> None:
         super().__init__()
         self.attn_q, self.attn_k, self.attn_v, self.attn_output = wq, wk, wv, wo
         self.n_head, self.n_head_kv, self.head_dim, self.scale = n_head, n_head_kv, head_dim, scale
+        self.softcap = softcap
         self.rotary = rotary
         self.attn_q_norm, self.attn_k_norm = q_norm, k_norm
 
@@ -179,8 +210,22 @@ class Attention(nn.Module):
 
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.softcap > 0:
+            return self._capped(q, k.to(q.dtype), v.to(q.dtype), mask)
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale,
                                               enable_gqa=self.n_head != self.n_head_kv)
+
+
+    def _capped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention with soft-capped scores (SDPA has no hook between the product and the softmax)."""
+        if self.n_head != self.n_head_kv:
+            rep = self.n_head // self.n_head_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        scores = self.softcap * torch.tanh(scores / self.softcap)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

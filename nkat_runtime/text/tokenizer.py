@@ -31,6 +31,7 @@ import re
 from typing import Any, Callable, Iterable, NamedTuple
 
 from ..errors import TokenizerError
+from .pretokenizers import FALLBACK, PRE_TOKENIZERS
 
 log = logging.getLogger(__name__)
 
@@ -46,38 +47,6 @@ _EOG_TEXTS = (
     "<end_of_turn>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "</s>",
     "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>", "<|return|>", "<|call|>",
 )
-
-# --- pre-tokeniser regexes (byte-level BPE), as llama.cpp / the models' tokenizer.json ---------------
-_CONTRACT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_LLAMA3 = _CONTRACT + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}" + _TAIL
-_QWEN2 = _CONTRACT + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}" + _TAIL
-_QWEN35 = (_CONTRACT + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_UP, _LO = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
-_TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UP}*{_LO}+|[^\r\n\p{{L}}\p{{N}}]?{_UP}+{_LO}*|\p{{N}}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UP}*{_LO}+{_CONTRACT}?|[^\r\n\p{{L}}\p{{N}}]?{_UP}+{_LO}*{_CONTRACT}?"
-          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-# names -> (regexes applied in turn, ignore_merges, default add_bos), after llama-vocab.cpp
-_PRE_GROUPS: list[tuple[str, tuple[str, ...], bool, bool]] = [
-    ("llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano", (_LLAMA3,), True, True),
-    ("dbrx smaug-bpe chatglm-bpe glm4", (_LLAMA3,), False, False),
-    ("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open", (_QWEN2,), False, False),
-    ("qwen35", (_QWEN35,), False, False),
-    ("smollm starcoder refact command-r codeshell exaone minerva-7b mellum2", (r"\p{N}", _GPT2), False, False),
-    ("gpt-2 gpt2 phi-2 jina-es jina-de gigachat jina-v2-es jina-v2-de a.x-4.0 mellum modern-bert mpt olmo "
-     "jais trillion granite-docling exaone4 jina-v1-en jina-v2-code roberta-bpe default", (_GPT2,), False, False),
-    ("tekken", (_TEKKEN,), True, True),
-    ("gpt-4o llama4 kanana2 talkie minimax-m2", (_GPT4O,), False, False),
-    ("falcon", (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"), False, False),
-]
-PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
-    name: (regexes, ignore, bos) for names, regexes, ignore, bos in _PRE_GROUPS for name in names.split()
-}
-
 
 # GPT-2's reversible byte <-> printable character map (the byte-level BPE alphabet)
 _PRINTABLE = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
@@ -135,9 +104,12 @@ class Tokenizer:
         elif model == "gpt2":
             backend = _build_bpe(meta, tokens, types)
             self.space_prefix = False  # SPM only: "▁" before the text, dropped again on decode
+        elif model == "gemma4":
+            backend = _build_gemma4(meta, tokens, types)
+            self.space_prefix = False
         else:
             raise TokenizerError(f"unsupported tokenizer.ggml.model {model!r}: NKAT supports 'llama' "
-                                 "(SentencePiece BPE) and 'gpt2' (byte-level BPE)")
+                                 "(SentencePiece BPE), 'gpt2' (byte-level BPE) and 'gemma4'")
         self._bytes, self._encode_fragments = backend.token_bytes, backend.encode_fragments
 
         def ident(key: str) -> int | None:
@@ -146,6 +118,7 @@ class Tokenizer:
 
         self._bos_id, self._eos_id = ident("bos_token_id"), ident("eos_token_id")
         add_bos = bool(_get(meta, "tokenizer.ggml.add_bos_token", backend.default_bos))
+        add_bos = add_bos or model == "gemma4"  # as llama.cpp, which overrides a false add_bos for Gemma 4
         self._add_bos = add_bos and self._bos_id is not None
         self._add_eos = bool(_get(meta, "tokenizer.ggml.add_eos_token", False)) and self._eos_id is not None
         self._chat_template: str | None = meta.get("tokenizer.chat_template") or None
@@ -373,7 +346,7 @@ def _build_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> _Ba
         regexes, ignore_merges, default_bos = PRE_TOKENIZERS[pre]
     else:
         log.warning("unknown tokenizer.ggml.pre %r: falling back to the GPT-2 split regex", pre)
-        regexes, ignore_merges, default_bos = (_GPT2,), False, False
+        regexes, ignore_merges, default_bos = FALLBACK, False, False
     alphabet = set(BYTE_DECODER)
     vocab: dict[str, int] = {}
     token_bytes: list[bytes] = []
@@ -385,12 +358,7 @@ def _build_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> _Ba
             spelled = "".join(BYTE_ENCODER[b] for b in raw)
         vocab[spelled] = i
         token_bytes.append(tok.encode() if ty in (CONTROL, UNKNOWN, USER_DEFINED) else raw)
-    merges: list[tuple[str, str]] = []
-    for merge in merges_raw:
-        left, sep, right = str(merge).partition(" ")
-        if not sep or not left or not right:
-            raise TokenizerError(f"malformed merge {merge!r} in tokenizer.ggml.merges")
-        merges.append((left, right))
+    merges = _merge_pairs(merges_raw)
     try:
         tk = RustTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
         tk.pre_tokenizer = pre_tokenizers.Sequence(
@@ -400,9 +368,57 @@ def _build_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> _Ba
     except Exception as exc:  # tokenizers raises plain Exception subclasses on bad vocab/merges
         raise TokenizerError(f"cannot build the byte-level BPE tokenizer: {exc}") from exc
 
+    return _Backend(token_bytes, _fragments(tk), default_bos)
+
+
+def _merge_pairs(merges_raw: list[Any]) -> list[tuple[str, str]]:
+    merges: list[tuple[str, str]] = []
+    for merge in merges_raw:
+        left, sep, right = str(merge).partition(" ")
+        if not sep or not left or not right:
+            raise TokenizerError(f"malformed merge {merge!r} in tokenizer.ggml.merges")
+        merges.append((left, right))
+    return merges
+
+
+def _fragments(tk: Any) -> Callable[[list[str]], list[list[int]]]:
+    """Encode pieces of text (the special tokens already cut out) with a ``tokenizers`` model."""
+
     def encode_fragments(texts: list[str]) -> list[list[int]]:
         if len(texts) == 1:
             return [tk.encode(texts[0], add_special_tokens=False).ids]
         return [e.ids for e in tk.encode_batch(texts, add_special_tokens=False)]
 
-    return _Backend(token_bytes, encode_fragments, default_bos)
+    return encode_fragments
+
+
+def _build_gemma4(meta: dict[str, Any], tokens: list[str], types: list[int]) -> _Backend:
+    """Gemma 4's tokenizer: BPE merges over SentencePiece-style pieces (spaces written "▁", no
+    space prefix), the text cut only into lines and runs of newlines, bytes outside the
+    vocabulary as ``<0xXX>`` tokens (llama.cpp: LLAMA_VOCAB_PRE_TYPE_GEMMA4)."""
+    from tokenizers import Regex, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    merges_raw = meta.get("tokenizer.ggml.merges")
+    if not merges_raw:
+        raise TokenizerError("tokenizer.ggml.model = gemma4 needs tokenizer.ggml.merges: missing")
+    vocab: dict[str, int] = {}
+    token_bytes: list[bytes] = []
+    for i, (tok, ty) in enumerate(zip(tokens, types)):
+        vocab.setdefault(tok, i)
+        m = _BYTE_TOKEN.fullmatch(tok) if ty == BYTE else None
+        if m:
+            token_bytes.append(bytes([int(m.group(1), 16)]))
+        elif ty in (CONTROL, UNKNOWN):
+            token_bytes.append(tok.encode())
+        else:
+            token_bytes.append(tok.replace(SPACE, " ").encode())
+    merges = _merge_pairs(merges_raw)
+    try:
+        tk = RustTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
+        tk.normalizer = normalizers.Replace(" ", SPACE)
+        tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated")
+    except Exception as exc:  # tokenizers raises plain Exception subclasses on bad vocab/merges
+        raise TokenizerError(f"cannot build the Gemma 4 tokenizer: {exc}") from exc
+    return _Backend(token_bytes, _fragments(tk), True)
+
