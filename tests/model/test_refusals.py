@@ -51,3 +51,14 @@ def test_rope_freqs_change_the_output(tmp_path):
     lm = load_model(write_tiny_model(tmp_path / "b.gguf", "llama", extra_tensors={"rope_freqs.weight": (8,)}),
                     device="cpu", context=16, progress=False, reference=True)
     assert lm.model.rope_freqs is not None and not torch.equal(lm.model(ids, pos), plain)
+
+
+def test_backend_selector_sees_the_refusal(tmp_path):
+    """The start-up probe reports what the loader would refuse, so the selector can hand the file
+    to Kobold.cpp instead of starting NKAT on it."""
+    from nkat_selector.probe import probe_model
+
+    bad = write_tiny_model(tmp_path / "bad.gguf", "llama", extra_tensors={"blk.0.attn_gate.weight": (64, 64)})
+    good = write_tiny_model(tmp_path / "good.gguf", "llama")
+    assert any("blk.0.attn_gate.weight" in u for u in probe_model(bad).unsupported)
+    assert probe_model(good).unsupported == []

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hfconvert
 import pytest
 
+import hfconvert
 from nkat_runtime.errors import NKATError
 from nkat_runtime.gguf.reader import open_gguf
 from nkat_runtime.text.tokenizer import Tokenizer
