@@ -73,7 +73,7 @@ class Variant:
 
 
 #: vocabulary sizes of the tokenizers above
-VOCAB = {"smollm2": 49152, "llama-spm": 32000}
+VOCAB = {"smollm2": 49152, "llama-spm": 32000, "qwen2": 151936}
 COMMON = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
               rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
@@ -82,6 +82,8 @@ COMMON = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidde
 def tokenizer_dir(kind: str) -> Path:
     """A tokenizer folder the converter accepts. ``smollm2``: SmolLM2's byte-level BPE, rebuilt by
     transformers from the bundled SmolLM2 GGUF (the converter knows its hash as ``smollm``);
+    ``qwen2``: Qwen2.5's, rebuilt the same way from the bundled Qwen2.5-Coder-0.5B (a qwen2 folder
+    needs Qwen's own: transformers switches the tokenizer class there, and the hash with it);
     ``llama-spm``: a SentencePiece ``tokenizer.model`` rebuilt from llama.cpp's
     ``ggml-vocab-llama-spm.gguf`` (32,000 pieces; what gemma2 and phi3 folders need)."""
     out = cache_dir() / "converted" / f"tokenizer-{kind}"
@@ -89,12 +91,12 @@ def tokenizer_dir(kind: str) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent))
-    if kind == "smollm2":
+    if kind in ("smollm2", "qwen2"):
         from transformers import AutoTokenizer
 
         from nkat_runtime import bundled
 
-        path = bundled.smollm2_135m()
+        path = bundled.smollm2_135m() if kind == "smollm2" else bundled.qwen25_coder_05b()
         AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(tmp)
     elif kind == "llama-spm":
         (tmp / "tokenizer.model").write_bytes(_spm_model(converter_dir() / "models" / "ggml-vocab-llama-spm.gguf"))

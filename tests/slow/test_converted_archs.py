@@ -40,7 +40,11 @@ LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 64,
             "long_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]}
 GEMMA2 = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "attn_logit_softcapping": 2.0,
           "final_logit_softcapping": 3.0, "tie_word_embeddings": True, "num_hidden_layers": 4}
+QWEN2 = {"tie_word_embeddings": True}
 VARIANTS.update({
+    "qwen2": V("qwen2", "Qwen2Config", QWEN2, tokenizer="qwen2"),
+    "qwen2-yarn": V("qwen2-yarn", "Qwen2Config", {**QWEN2, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}, tokenizer="qwen2"),
     "mixtral-experts": V("mixtral", "MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3moe": V("qwen3moe", "Qwen3MoeConfig", {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
                                                  "moe_intermediate_size": 64, "norm_topk_prob": True}),
@@ -50,7 +54,8 @@ VARIANTS.update({
                                                         "original_max_position_embeddings": 64,
                                                         "rope_scaling": LONGROPE}, tokenizer="llama-spm"),
 })
-LONG = ("llama3-rope-freqs", "llama-linear-rope", "llama-yarn", "qwen3-yarn", "phi3-longrope", "gemma2")
+LONG = ("llama", "qwen2", "llama3-rope-freqs", "llama-linear-rope", "llama-yarn", "qwen2-yarn", "qwen3-yarn",
+        "phi3-longrope", "gemma2")
 TOL = 1e-3
 FAST_TOL = 0.02  # the fast path's bound on quantised weights (bf16 activations): 2 % of the range
 
@@ -113,8 +118,9 @@ def test_q8_0_copy_within_fast_path_bound(converted, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", LONG)
 def test_long_positions(name, capsys):
-    """3,000 positions: far past the context each scaling was built around (llama3, YaRN, longrope:
-    64 or 128 tokens; linear: 1,024), and gemma2's window of 8 slid across them."""
+    """3,000 positions: plain rope both ways (adjacent pairs, NEOX halves), and far past the context
+    each scaling was built around (llama3, YaRN, longrope: 64 or 128 tokens; linear: 1,024), and
+    gemma2's window of 8 slid across them."""
     try:
         hf, path = hfconvert.build(VARIANTS[name])
     except hfconvert.Unavailable as exc:
