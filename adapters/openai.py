@@ -12,9 +12,10 @@ from typing import Any
 
 from nkat_runtime.errors import InvalidRequestError, RequestNotSupportedError
 from nkat_runtime.request import Choice, GenerationOutcome, GenerationRequest, TokenLogprob
+from nkat_runtime.sampling.params import GrammarSpec
 
 from .fields import Fields
-from .samplers import LLAMACPP_DEFAULTS, read_common, read_length, read_n
+from .samplers import LLAMACPP_DEFAULTS, json_schema_text, read_common, read_length, read_n
 
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -50,6 +51,36 @@ def _common(f: Fields, req: GenerationRequest) -> None:
         req.seed = seed if seed is not None and 0 < seed < 0xFFFFFFFF else None
     if f.integer("best_of", default=1) not in (1, req.n):
         req.warnings.append("best_of is not supported: ignored")
+    read_response_format(f, req)
+
+
+def read_response_format(f: Fields, req: GenerationRequest) -> None:
+    """OpenAI ``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``
+    (``{"json_schema": {"name": ..., "schema": {...}, "strict": ...}}``): constrained decoding, so
+    the output parses and matches unless the length limit cut it."""
+    rf = f.raw("response_format")
+    if rf is None or rf[1] is None:
+        return
+    if not isinstance(rf[1], dict):
+        raise InvalidRequestError("'response_format' must be an object", "response_format")
+    kind = rf[1].get("type", "text")
+    if kind == "text":
+        return
+    if req.grammar is not None:
+        raise InvalidRequestError("give either a grammar / json_schema or a response_format, not both",
+                                  "response_format")
+    if kind == "json_object":
+        req.grammar = GrammarSpec("json_schema", '{"type": "object"}', "response_format")
+    elif kind == "json_schema":
+        spec = rf[1].get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("response_format json_schema needs 'json_schema': {'schema': {...}}",
+                                      "response_format")
+        req.grammar = GrammarSpec("json_schema", json_schema_text(schema, "response_format"), "response_format")
+    else:
+        raise InvalidRequestError(f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                                  "response_format")
 
 
 def _prompts(value: Any) -> list[str | list[int]]:
@@ -127,10 +158,6 @@ def parse_chat(body: Any) -> tuple[GenerationRequest, StreamOptions]:
         if not 0 <= top <= MAX_CHAT_TOP_LOGPROBS:
             raise InvalidRequestError(f"'top_logprobs' must be in 0..{MAX_CHAT_TOP_LOGPROBS}", "top_logprobs")
         req.logprobs = top
-    rf = f.raw("response_format")
-    if rf is not None and isinstance(rf[1], dict) and rf[1].get("type") not in (None, "text"):
-        raise RequestNotSupportedError("response_format json_object / json_schema is not supported",
-                                       "response_format")
     tools = f.raw("tools")
     if tools is not None and tools[1] and f.body.get("tool_choice") != "none":
         req.warnings.append("tools are not supported: the model answers in plain text")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from nkat_runtime.errors import InvalidRequestError, RequestNotSupportedError
 from nkat_runtime.request import GenerationRequest
-from nkat_runtime.sampling.params import DEFAULT_ORDER, SamplingParams
+from nkat_runtime.sampling.params import DEFAULT_ORDER, GrammarSpec, SamplingParams
 
 from .fields import Fields, clamp
 
@@ -144,9 +144,7 @@ def read_common(f: Fields, req: GenerationRequest, d: SamplerDefaults) -> None:
     req.add_bos = f.boolean("add_bos_token", default=True)
     ctx = f.integer("max_context_length")
     req.max_context_length = ctx if ctx is not None and ctx > 0 else None
-    schema = f.raw("json_schema")
-    if f.string("grammar", "grammar_string").strip() or (schema is not None and schema[1]):
-        raise RequestNotSupportedError("grammars / JSON schemas are not supported by this server", "grammar")
+    read_grammar(f, req)
     images = f.raw("images", "image_data")
     if images is not None and images[1]:
         raise RequestNotSupportedError("images are not supported: this server has no vision model", images[0])
@@ -175,3 +173,32 @@ def read_n(f: Fields) -> int:
 
 def compact_json(obj: object) -> str:
     return json.dumps(obj, separators=(",", ":"))
+
+
+def read_grammar(f: Fields, req: GenerationRequest) -> None:
+    """Kobold ``grammar`` (SillyTavern: ``grammar_string``) and llama.cpp ``grammar``: GBNF;
+    llama.cpp ``json_schema``: a JSON schema. ``grammar_retain_state`` (Kobold) needs nothing:
+    every generation starts the grammar afresh."""
+    schema = f.raw("json_schema")
+    gbnf = f.raw("grammar", "grammar_string")
+    if gbnf is not None and isinstance(gbnf[1], str) and gbnf[1].strip():
+        req.grammar = GrammarSpec("gbnf", gbnf[1], gbnf[0])
+    elif gbnf is not None and gbnf[1] not in (None, ""):
+        raise InvalidRequestError(f"'{gbnf[0]}' must be a GBNF grammar (a string)", gbnf[0])
+    if schema is not None and schema[1] not in (None, "", {}):
+        if req.grammar is not None:
+            raise InvalidRequestError("give either a grammar or a json_schema, not both", schema[0])
+        req.grammar = GrammarSpec("json_schema", json_schema_text(schema[1], schema[0]), schema[0])
+
+
+def json_schema_text(schema: object, field: str) -> str:
+    """A request's JSON schema (an object, or JSON text) as JSON text."""
+    if isinstance(schema, str):
+        try:
+            json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"'{field}' is not valid JSON: {exc}", field) from None
+        return schema
+    if isinstance(schema, dict):
+        return json.dumps(schema)
+    raise InvalidRequestError(f"'{field}' must be a JSON schema object", field)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .sampling.params import SamplingParams
+from .sampling.params import GrammarSpec, SamplingParams
 
 Prompt = str | list[int]  # text, or token ids
 
@@ -43,6 +43,7 @@ class GenerationRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logit_bias_text: list[tuple[str, float | None]] = field(default_factory=list)  # llama.cpp: text -> bias/ban
     dry_sequence_breakers: list[str] = field(default_factory=list)
+    grammar: GrammarSpec | None = None  # GBNF / JSON schema the output must follow
     logprobs: int | None = None  # None: off; N: the chosen token's logprob plus N alternatives
     echo: bool = False  # return the prompt before the completion (with its logprobs when asked)
     n: int = 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 # KoboldCpp's sampler ids, as clients send them in ``sampler_order``
 TOP_K, TOP_A, TOP_P, TFS, TYPICAL, TEMPERATURE, REP_PEN = range(7)
@@ -81,3 +82,14 @@ class SamplingParams:
     @classmethod
     def greedy(cls) -> "SamplingParams":
         return cls(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A request's output constraint (``grammar.py`` compiles it): GBNF (llama.cpp's grammar
+    language), a JSON schema (as JSON text), Lark or a regex; ``field`` names the request field
+    it came from, for error messages."""
+
+    kind: Literal["gbnf", "json_schema", "lark", "regex"]
+    text: str
+    field: str = "grammar"

@@ -18,6 +18,7 @@ from typing import Sequence
 from ..errors import ContextLengthError, InvalidRequestError
 from ..loader import LoadedModel
 from ..request import GenerationRequest
+from ..sampling.grammar import GrammarCompiler
 from .sequence import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ MAX_SHIFTED_CONTEXTS = 64  # with context shift, max_tokens may reach this many 
 class Preparer:
     def __init__(self, lm: LoadedModel, default_max_tokens: int, context_shift: bool = False) -> None:
         self.lm = lm
+        rows = lm.gguf.tensors["token_embd.weight"].shape[0]  # the logits' width
+        self.grammars = GrammarCompiler(lm.tokenizer, rows)  # llguidance's token table: built on first use
         self.default_max_tokens = default_max_tokens
         self.context_shift = context_shift
         self.vocab = VocabIndex(lm)
@@ -143,10 +146,11 @@ class Preparer:
             raise InvalidRequestError(str(exc)) from None
         for w in warnings:
             log.warning("%s request: %s", req.dialect, w)
+        constraint = self.grammars.compile(req.grammar) if req.grammar is not None else None
         gen = GenerationParams(max(p.max_new for p in prompts), params, stop, frozenset() if req.bypass_eos else frozenset(stop_ids), phrases,
                                logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None,
                                include_stop=not req.trim_stop, skip_special=not req.render_special,
-                               cache_prompt=req.cache_prompt)
+                               cache_prompt=req.cache_prompt, constraint=constraint)
         return Prepared(req, prompts, gen, seed, truncated, warnings)
 
     def _fit(self, req: GenerationRequest, src: str | list[int], warnings: list[str]) -> tuple[PreparedPrompt, int]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Collection, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
 from ..loader import LoadedModel
 from ..request import Choice, TokenLogprob
 from ..sampling.chain import SamplerState, make_generator, sample
+from ..sampling.grammar import Constraint
 from ..sampling.params import SamplingParams
 from ..text.tokenizer import StreamDecoder
 
@@ -44,6 +45,7 @@ class GenerationParams:
     include_stop: bool = False  # keep a matched stop string in the text
     skip_special: bool = True  # control tokens are not printed
     cache_prompt: bool = True  # False: reuse nothing cached (llama.cpp's cache_prompt)
+    constraint: Callable[[], Constraint] | None = None  # a grammar: makes each sequence's matcher
 
 
 class StopMatcher:
@@ -163,6 +165,7 @@ class SequenceRun:
         self.fed = 0  # generated tokens whose KV entries the driver holds
         self.done = False
         self.started = 0.0
+        self.grammar = params.constraint() if params.constraint is not None else None
 
     # --- the prompt ------------------------------------------------------------------------------
     def prompt_logits(self, logits: torch.Tensor, start: int) -> None:
@@ -219,10 +222,14 @@ class SequenceRun:
             if step in self.position_bans:
                 step_logits = logits.clone()
                 step_logits[list(self.position_bans[step])] = float("-inf")
+            if self.grammar is not None:  # only what keeps the output in the grammar
+                step_logits = self.grammar.mask(step_logits)
             tok = sample(step_logits, self.sampling, self.history, self.gen, self.state)
             if tok in self.stop_set:
                 res.stop_kind, res.stop_string = "eos", self.lm.tokenizer.id_to_token(tok)
                 return self.finish(), None
+            if self.grammar is not None:
+                self.grammar.accept(tok)
             if res.logprobs is not None:
                 entry = token_logprob(self.lm, torch.log_softmax(logits.float(), dim=-1), tok, self.params.logprobs or 0)
                 entry.text_offset = len(self.text)
@@ -237,6 +244,8 @@ class SequenceRun:
                     t = next(i for i, end in enumerate(self.offsets) if end > at)
                     self.position_bans.setdefault(t, set()).add(res.token_ids[t])
                     self.backtracks += 1
+                    if self.grammar is not None:
+                        self.grammar.rollback(len(res.token_ids) - t)
                     del res.token_ids[t:], self.offsets[t:], self.history[len(self.prompt) + t :]
                     if res.logprobs is not None:
                         del res.logprobs[t:]
@@ -261,6 +270,9 @@ class SequenceRun:
                 piece = text[self.emitted : safe]
                 self.emitted = safe
             if len(res.token_ids) >= self.max_new:
+                return piece + self.finish(), None
+            if self.grammar is not None and self.grammar.finished:  # complete: only the end could follow
+                res.stop_kind = "eos"
                 return piece + self.finish(), None
             return piece, self._feed(tok, len(res.token_ids) - 1)
 

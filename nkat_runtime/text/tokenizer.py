@@ -207,11 +207,13 @@ class Tokenizer:
             out.append(text[pos:])
         return out
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False,
+               space_prefix: bool = True) -> list[int]:
         """Token ids for ``text``. ``add_special`` adds BOS / EOS as the file asks; ``parse_special``
-        turns control-token texts (``<start_of_turn>``...) into their ids instead of spelling them out."""
+        turns control-token texts (``<start_of_turn>``...) into their ids instead of spelling them out;
+        ``space_prefix=False`` encodes text that continues other text (no SentencePiece "▁" added)."""
         fragments = self._partition(text, parse_special)
-        if self.space_prefix and fragments and isinstance(fragments[0], str):
+        if space_prefix and self.space_prefix and fragments and isinstance(fragments[0], str):
             fragments[0] = " " + fragments[0]
         texts = [f for f in fragments if isinstance(f, str)]
         encoded = iter(self._encode_fragments(texts) if texts else [])

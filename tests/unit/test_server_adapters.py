@@ -61,7 +61,8 @@ def test_nulls_are_absent_and_unknown_fields_ignored():
     {"prompt": ["a"]},
     {"prompt": "x", "stop_sequence": [1, 2]},
     {"prompt": "x", "logit_bias": {"abc": 1}},
-    {"prompt": "x", "grammar": "root ::= \"a\""},
+    {"prompt": "x", "grammar": 5},
+    {"prompt": "x", "json_schema": "{not json"},
     {"prompt": "x", "images": ["aGVsbG8="]},
     {"prompt": "x", "custom_token_bans": "1,x"},
     [1, 2, 3],
@@ -104,9 +105,11 @@ def test_openai_chat_messages():
     assert req.max_tokens == 7 and req.logprobs == 3 and req.warnings  # tools: ignored, with a warning
     with pytest.raises(RequestNotSupportedError):
         openai.parse_chat({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
-    with pytest.raises(RequestNotSupportedError):
-        openai.parse_chat({"messages": [{"role": "user", "content": "x"}],
-                           "response_format": {"type": "json_object"}})
+    req, _ = openai.parse_chat({"messages": [{"role": "user", "content": "x"}],
+                                "response_format": {"type": "json_object"}})
+    assert req.grammar is not None and req.grammar.kind == "json_schema"
+    with pytest.raises(InvalidRequestError):
+        openai.parse_chat({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}})
     for bad in ({"messages": []}, {"messages": "hi"}, {"messages": [{"content": "x"}]},
                 {"messages": [{"role": "user", "content": 5}]}):
         with pytest.raises(InvalidRequestError):
