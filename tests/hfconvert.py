@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,18 @@ def _key(v: Variant) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
+_MAKING = threading.Lock()
+
+
+def build_all(variants: list[Variant], workers: int = 2) -> None:
+    """Build what is not cached yet, the converter runs ``workers`` at a time (a cold cache: ~15 s
+    per variant on one core, most of it in the converter's own process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(build, variants))
+
+
 def build(v: Variant) -> tuple[Path, Path]:
     """(Hugging Face folder, converted F32 GGUF) of ``v``, made once and cached."""
     folder = cache_dir() / "converted" / f"{v.name}-{_key(v)}"
@@ -142,23 +155,25 @@ def build(v: Variant) -> tuple[Path, Path]:
     import torch
     import transformers
 
-    conv = converter_dir()
-    tok = tokenizer_dir(v.tokenizer)
-    cfg = getattr(transformers, v.config_class)(**{**COMMON, "vocab_size": VOCAB[v.tokenizer], **v.settings})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, v.init_std)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent if folder.parent.exists() else None))
+    (cache_dir() / "converted").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir() / "converted"))
     try:
         hf = tmp / "hf"
-        model.save_pretrained(hf, safe_serialization=True)
-        for f in tok.iterdir():
-            shutil.copy(f, hf / f.name)
+        with _MAKING:  # the global RNG, the fetch and the tokenizer folders: one build at a time
+            conv = converter_dir()
+            tok = tokenizer_dir(v.tokenizer)
+            cfg = getattr(transformers, v.config_class)(**{**COMMON, "vocab_size": VOCAB[v.tokenizer], **v.settings})
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.dim() == 1 and "norm" in name:
+                        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                    else:
+                        p.normal_(0.0, v.init_std)
+            model.save_pretrained(hf, safe_serialization=True)
+            for f in tok.iterdir():
+                shutil.copy(f, hf / f.name)
         env = {k: val for k, val in os.environ.items() if k != "PYTHONPATH"}
         done = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
                                "--outfile", str(tmp / gguf_path.name)], capture_output=True, text=True, env=env,

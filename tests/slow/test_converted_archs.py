@@ -75,6 +75,15 @@ def _ours(path, ids: list[int], reference: bool, one_by_one: bool = False) -> to
         return torch.cat([lm.model(torch.tensor([[t]]), torch.tensor([i]))[0] for i, t in enumerate(ids)]).float()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    """Every variant converted up front, two converter processes at a time (CI's cold cache)."""
+    try:
+        hfconvert.build_all(list(VARIANTS.values()))
+    except hfconvert.Unavailable as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def converted(request):
     try:
