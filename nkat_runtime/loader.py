@@ -21,7 +21,7 @@ from . import quant
 from .errors import ModelFormatError, UnsupportedError
 from .gguf.reader import GGUFFile, TensorRef, open_gguf
 from .model import DecoderModel, ModelConfig, config_for, int4
-from .model.checks import check_metadata, check_tensors, validate_config
+from .model.checks import check_supported, check_tensors, validate_config
 from .model.layout_cache import LayoutCache
 from .model.linear import DenseLinear
 from .model.packed import (
@@ -296,7 +296,7 @@ def load_model(
         raise UnsupportedError(f"{gguf.path.name}: tensor type {kind} (e.g. tensor {name}) is not supported; "
                                f"supported: {', '.join(quant.type_name(t) for t in sorted(quant.SUPPORTED_TYPES))}")
     validate_config(cfg)
-    check_metadata(cfg, gguf.metadata)
+    check_supported(cfg, gguf.metadata, gguf.tensors)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     check_tensors(cfg, gguf.tensors, tokenizer.vocab_size)
     n_ctx = min(context or DEFAULT_CONTEXT, cfg.context_length) if not context else context

@@ -118,13 +118,12 @@ def probe_model(path: str | os.PathLike[str]) -> ModelInfo:
     else:  # what the loader would refuse before reading a weight: experts, keys, unknown tensors
         from nkat_runtime.errors import UnsupportedError
         from nkat_runtime.model import config_for
-        from nkat_runtime.model.checks import check_metadata, check_unknown_tensors
+        from nkat_runtime.model.checks import check_supported
 
         embd = g.tensors.get("token_embd.weight")
         try:
             cfg = config_for(info.arch, g.metadata, max(1, embd.shape[0] if embd is not None else 1))
-            check_metadata(cfg, g.metadata)
-            check_unknown_tensors(cfg, g.tensors)
+            check_supported(cfg, g.metadata, g.tensors)
         except UnsupportedError as exc:
             info.unsupported.append(str(exc))
         except NKATError as exc:

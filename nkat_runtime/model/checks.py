@@ -125,10 +125,16 @@ def check_unknown_tensors(cfg: ModelConfig, names: Any) -> None:
                                "running without it")
 
 
-def check_tensors(cfg: ModelConfig, tensors: dict[str, Any], n_tokens: int) -> None:
-    """Every tensor is one the model reads, with its expected shape; the tokenizer's ids fit the
-    embedding table."""
+def check_supported(cfg: ModelConfig, meta: dict[str, Any], tensors: Any) -> None:
+    """What NKAT refuses before reading a weight (the loader, and the start-up probe that hands
+    such files to Kobold.cpp): math-changing keys it does not read, tensors it would not use."""
+    check_metadata(cfg, meta)
     check_unknown_tensors(cfg, tensors)
+
+
+def check_tensors(cfg: ModelConfig, tensors: dict[str, Any], n_tokens: int) -> None:
+    """The tensors the model reads have their expected shapes; the tokenizer's ids fit the
+    embedding table."""
     embd = tensors.get("token_embd.weight")
     if embd is None:
         raise ModelFormatError("tensor 'token_embd.weight' is missing")

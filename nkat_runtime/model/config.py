@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, UnsupportedError
 
 # counts a model may have (far above any released model; they bound what a crafted file can allocate)
 COUNT_CAPS = {"n_layer": 1024, "n_embd": 1 << 17, "n_head": 4096, "n_head_kv": 4096, "head_dim": 1 << 13,
@@ -25,7 +25,6 @@ class Yarn:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     ext_factor: float = 1.0  # how much of the extrapolation ramp is used (llama.cpp default for yarn: 1)
-    attn_factor: float = 1.0  # ``rope.scaling.attn_factor``: multiplies the magnitude scaling
 
 
 @dataclass
@@ -47,7 +46,7 @@ class ModelConfig:
     yarn: Yarn | None = None  # YaRN scaling instead of linear
     longrope: bool = False  # phi3: rope_factors_long/short tensors, chosen by the context size
     rope_orig_ctx: int = 0  # rope.scaling.original_context_length (0: not given)
-    rope_attn_factor: float = 1.0  # rope.scaling.attn_factor outside YaRN: scales q and k
+    rope_attn_factor: float = 1.0  # rope.scaling.attn_factor: scales q and k (read where handled: YaRN, phi3)
     fused_gate_up: bool = False  # phi3: ffn_up holds gate then up
     # mixture of experts (``moe.py``): experts per layer, experts used per token, expert FFN width
     n_expert: int = 0
@@ -66,7 +65,6 @@ class ModelConfig:
     qk_norm: bool = False
     post_norms: bool = False
     embed_scale: float = 1.0
-    tied_output: bool = False
     # math-changing metadata keys (``checks.MATH_KEYS``) this architecture's config reads
     handled: frozenset[str] = frozenset()
 
@@ -128,8 +126,6 @@ def base_config(meta: dict[str, Any], arch: str, vocab_size: int, longrope: bool
     elif scaling_type == "longrope" and longrope:
         pass  # the architecture reads its factor tensors and attention factor itself
     elif scaling_type not in (None, "none"):
-        from ..errors import UnsupportedError
-
         raise UnsupportedError(f"rope scaling type {scaling_type!r} is not supported (linear and yarn are)")
     cfg = ModelConfig(
         arch=arch,
@@ -157,14 +153,13 @@ def base_config(meta: dict[str, Any], arch: str, vocab_size: int, longrope: bool
         cfg.n_ff_expert = _int(meta, p + "expert_feed_forward_length", cfg.n_ff)
         cfg.expert_weights_scale = _float(meta, p + "expert_weights_scale", 0.0)
         cfg.handled = cfg.handled | {"expert_count"}
+    cfg.rope_attn_factor = _float(meta, p + "rope.scaling.attn_factor", 1.0)  # refused unless handled
     if yarn is not None:
         cfg.handled = cfg.handled | {"rope.scaling.attn_factor"}
     return cfg
 
 
 def _yarn(meta: dict[str, Any], p: str) -> Yarn:
-    from ..errors import UnsupportedError
-
     if _float(meta, p + "rope.scaling.yarn_log_multiplier", 0.0):
         raise UnsupportedError(f"metadata {p}rope.scaling.yarn_log_multiplier (DeepSeek-style YaRN) is not supported")
     factor = _float(meta, p + "rope.scaling.factor", 1.0)
@@ -173,5 +168,4 @@ def _yarn(meta: dict[str, Any], p: str) -> Yarn:
         raise ModelFormatError(f"YaRN needs rope.scaling.factor >= 1 and an original context > 0, not {factor}, {orig}")
     return Yarn(factor, orig, _float(meta, p + "rope.scaling.yarn_beta_fast", 32.0),
                 _float(meta, p + "rope.scaling.yarn_beta_slow", 1.0),
-                _float(meta, p + "rope.scaling.yarn_ext_factor", 1.0),
-                _float(meta, p + "rope.scaling.attn_factor", 1.0))
+                _float(meta, p + "rope.scaling.yarn_ext_factor", 1.0))

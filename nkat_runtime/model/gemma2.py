@@ -21,7 +21,6 @@ def config(meta: dict[str, Any], vocab_size: int) -> ModelConfig:
     cfg.post_norms = True
     cfg.act = "gelu_tanh"
     cfg.embed_scale = math.sqrt(cfg.n_embd)
-    cfg.tied_output = True
     cfg.sliding_window = _int(meta, "gemma2.attention.sliding_window", 4096)
     cfg.swa_layers = [cfg.sliding_window > 0 and i % SWA_PATTERN < SWA_PATTERN - 1 for i in range(cfg.n_layer)]
     cfg.rope_base_swa = cfg.rope_base

@@ -22,7 +22,6 @@ def config(meta: dict[str, Any], vocab_size: int) -> ModelConfig:
     cfg.post_norms = True
     cfg.act = "gelu_tanh"
     cfg.embed_scale = math.sqrt(cfg.n_embd)
-    cfg.tied_output = True
     cfg.handled = frozenset({"attention.sliding_window"})
     cfg.sliding_window = _int(meta, "gemma3.attention.sliding_window", 0)
     pattern = _int(meta, "gemma3.attention.sliding_window_pattern", DEFAULT_SWA_PATTERN)

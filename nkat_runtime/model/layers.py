@@ -45,9 +45,10 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
         if freq_factors is not None:
             inv_freq = inv_freq / freq_factors.to(torch.float64).cpu()
-        mscale = attn_factor  # phi3 longrope: q and k scaled (YaRN has its own below)
+        mscale = attn_factor  # q and k scaled (phi3 longrope, YaRN's attn_factor)
         if yarn is not None:
-            inv_freq, mscale = yarn_frequencies(inv_freq, rot_dim, base, yarn)
+            inv_freq, magnitude = yarn_frequencies(inv_freq, rot_dim, base, yarn)
+            mscale *= magnitude
         self.inv_freq = inv_freq
         pos = torch.arange(max_pos, dtype=torch.float64) / scale
         angles = torch.outer(pos, inv_freq)  # [max_pos, rot_dim/2]
@@ -80,7 +81,8 @@ class Rotary(nn.Module):
 def yarn_frequencies(inv_freq: torch.Tensor, rot_dim: int, base: float, y: Yarn) -> tuple[torch.Tensor, float]:
     """YaRN's per-pair frequencies and magnitude scale, as llama.cpp computes them
     (``ggml_rope_yarn_corr_dims`` and ``rope_yarn``; ``llama-context.cpp`` cancels its own
-    attn_factor so that the net scale is ``(1 + 0.1 ln factor) · attn_factor``)."""
+    attn_factor so that the net scale is ``(1 + 0.1 ln factor)``, times the file's attn_factor,
+    which the caller applies)."""
 
     def corr_dim(n_rot: float) -> float:
         return rot_dim * math.log(y.orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(base))
@@ -90,8 +92,8 @@ def yarn_frequencies(inv_freq: torch.Tensor, rot_dim: int, base: float, y: Yarn)
     i = torch.arange(rot_dim // 2, dtype=torch.float64)
     ramp = (1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)) * y.ext_factor
     mixed = inv_freq / y.factor * (1 - ramp) + inv_freq * ramp
-    mscale = y.attn_factor * (1 + 0.1 * math.log(y.factor) if y.ext_factor != 0 and y.factor > 1 else 1.0)
-    return mixed, mscale
+    magnitude = 1 + 0.1 * math.log(y.factor) if y.ext_factor != 0 and y.factor > 1 else 1.0
+    return mixed, magnitude
 
 
 class Rows:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .config import ModelConfig, _float, base_config
+from .config import ModelConfig, base_config
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +20,9 @@ def config(meta: dict[str, Any], vocab_size: int) -> ModelConfig:
     cfg.rope_neox = True
     cfg.act = "silu"
     cfg.fused_gate_up = True
-    # longrope: the file says so by its rope_factors tensors (llama.cpp's converter writes no type)
+    # longrope: the file says so by its rope_factors tensors (llama.cpp's converter writes no type);
+    # q and k are scaled by rope.scaling.attn_factor (cfg.rope_attn_factor)
     cfg.longrope = True
-    cfg.rope_attn_factor = _float(meta, "phi3.rope.scaling.attn_factor", 1.0)
     window = meta.get("phi3.attention.sliding_window")
     if isinstance(window, int) and 0 < window < cfg.context_length:
         log.warning("phi3: the file's sliding window (%d) is not applied, as in llama.cpp", window)

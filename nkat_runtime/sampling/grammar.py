@@ -95,9 +95,10 @@ class GrammarCompiler:
         except (ValueError, RuntimeError) as exc:
             raise InvalidRequestError(f"invalid {spec.kind} in '{spec.field}': {_first_line(exc)}", spec.field) from None
         lltok = self._llguidance()
-        ok, is_error, messages = _validate(llguidance, grammar, lltok)
-        if not ok:
-            raise InvalidRequestError(f"invalid {spec.kind} in '{spec.field}': {messages}", spec.field)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
+        if is_error:
+            text = "; ".join(str(m) for m in messages)[:500]
+            raise InvalidRequestError(f"invalid {spec.kind} in '{spec.field}': {text}", spec.field)
         n_vocab = self.n_vocab
 
         def make() -> Constraint:
@@ -107,12 +108,6 @@ class GrammarCompiler:
             return Constraint(matcher, n_vocab)
 
         return make
-
-
-def _validate(llguidance: Any, grammar: str, lltok: Any) -> tuple[bool, bool, str]:
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
-    text = "; ".join(str(m) for m in messages)[:500]
-    return not is_error, is_error, text
 
 
 def _first_line(exc: BaseException) -> str:
