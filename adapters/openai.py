@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from nkat_runtime.errors import InvalidRequestError, RequestNotSupportedError
-from nkat_runtime.request import Choice, GenerationOutcome, GenerationRequest, TokenLogprob
+from nkat_runtime.request import ChatOptions, Choice, GenerationOutcome, GenerationRequest, TokenLogprob
 from nkat_runtime.sampling.params import GrammarSpec
+from nkat_runtime.text.chat_output import REASONING_FORMATS, Delta, ParsedMessage
+from nkat_runtime.text.tool_syntax import check_tools
 
 from .fields import Fields
 from .samplers import LLAMACPP_DEFAULTS, json_schema_text, read_common, read_length, read_n
@@ -142,7 +144,51 @@ def _message(m: Any, i: int) -> dict[str, Any]:
         out["content"] = "\n".join(texts)
     elif not isinstance(content, str):
         raise InvalidRequestError(f"messages[{i}]: 'content' must be a string or a list of parts", "messages")
+    calls = out.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+                for c in calls):
+            raise InvalidRequestError(f"messages[{i}].tool_calls must be a list of "
+                                      "{'id', 'type': 'function', 'function': {'name', 'arguments'}}", "messages")
     return out
+
+
+def read_chat_options(f: Fields) -> ChatOptions:
+    """``tools``, ``tool_choice``, ``parallel_tool_calls`` (OpenAI); ``reasoning_format`` and
+    ``chat_template_kwargs`` (llama.cpp's server)."""
+    opts = ChatOptions()
+    tools = f.raw("tools")
+    if tools is not None and tools[1] is not None:
+        opts.tools = check_tools(tools[1]) or None
+    choice = f.body.get("tool_choice")
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequestError("tool_choice must be 'auto', 'none', 'required' or "
+                                      "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+        opts.tool_choice, opts.tool_name = "function", fn["name"]
+    elif choice is not None:
+        if choice not in ("auto", "none", "required"):
+            raise InvalidRequestError("tool_choice must be 'auto', 'none', 'required' or a named function",
+                                      "tool_choice")
+        opts.tool_choice = choice
+    if opts.tool_choice in ("required", "function") and not opts.tools:
+        raise InvalidRequestError(f"tool_choice {opts.tool_name or opts.tool_choice!r} needs 'tools'", "tool_choice")
+    if f.has("parallel_tool_calls"):
+        opts.parallel_tool_calls = f.boolean("parallel_tool_calls")
+    fmt = f.string("reasoning_format")
+    if fmt:
+        if fmt not in REASONING_FORMATS:
+            raise InvalidRequestError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}",
+                                      "reasoning_format")
+        opts.reasoning_format = "deepseek" if fmt == "auto" else fmt
+    kwargs = f.raw("chat_template_kwargs")
+    if kwargs is not None and kwargs[1] is not None:
+        if not isinstance(kwargs[1], dict) or not all(isinstance(k, str) for k in kwargs[1]):
+            raise InvalidRequestError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+        opts.template_kwargs = dict(kwargs[1])
+    return opts
 
 
 def parse_chat(body: Any) -> tuple[GenerationRequest, StreamOptions]:
@@ -158,15 +204,21 @@ def parse_chat(body: Any) -> tuple[GenerationRequest, StreamOptions]:
         if not 0 <= top <= MAX_CHAT_TOP_LOGPROBS:
             raise InvalidRequestError(f"'top_logprobs' must be in 0..{MAX_CHAT_TOP_LOGPROBS}", "top_logprobs")
         req.logprobs = top
-    tools = f.raw("tools")
-    if tools is not None and tools[1] and f.body.get("tool_choice") != "none":
-        req.warnings.append("tools are not supported: the model answers in plain text")
+    req.chat = read_chat_options(f)
+    if f.has("functions") or f.has("function_call"):
+        req.warnings.append("functions / function_call (deprecated by OpenAI) are ignored: send 'tools'")
     return req, _stream_options(f)
 
 
 # --- responses --------------------------------------------------------------------------------
-def finish_reason(choice: Choice) -> str:
-    return "length" if choice.stop_kind == "length" else "stop"
+def finish_reason(choice: Choice, called: bool = False) -> str:
+    if choice.stop_kind == "length":
+        return "length"
+    return "tool_calls" if called else "stop"
+
+
+def tool_call_json(call: Any) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def usage(outcome: GenerationOutcome) -> dict[str, Any]:
@@ -217,9 +269,20 @@ def completion_response(outcome: GenerationOutcome, model: str, echo: bool) -> d
             **_extras(outcome)}
 
 
-def chat_response(outcome: GenerationOutcome, model: str) -> dict[str, Any]:
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "finish_reason": finish_reason(c), "logprobs": chat_logprobs(c)} for c in outcome.choices]
+def chat_message(msg: ParsedMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "assistant", "content": msg.content if msg.content or not msg.calls else None,
+                           "refusal": None}
+    if msg.reasoning:
+        out["reasoning_content"] = msg.reasoning
+    if msg.calls:
+        out["tool_calls"] = [tool_call_json(c) for c in msg.calls]
+    return out
+
+
+def chat_response(outcome: GenerationOutcome, model: str, messages: list[ParsedMessage]) -> dict[str, Any]:
+    """``messages``: each choice's reply, split (:class:`~nkat_runtime.text.chat_output.OutputParser`)."""
+    choices = [{"index": c.index, "message": chat_message(m), "finish_reason": finish_reason(c, bool(m.calls)),
+                "logprobs": chat_logprobs(c)} for c, m in zip(outcome.choices, messages)]
     return {"id": "chatcmpl-" + outcome.id, "object": "chat.completion", "created": outcome.created,
             "model": model, "choices": choices, "usage": usage(outcome), "system_fingerprint": SYSTEM_FINGERPRINT,
             **_extras(outcome)}
@@ -253,10 +316,28 @@ class ChunkMaker:
                                  "logprobs": None}])
         return self._chunk([{"index": index, "text": text, "finish_reason": None, "logprobs": None}])
 
-    def end(self, choice: Choice, echo: bool = False) -> dict[str, Any]:
+    def delta(self, index: int, delta: Delta, call_index: int) -> list[dict[str, Any]]:
+        """Chat chunks for one piece of a split reply: content, reasoning, or a whole tool call
+        (its id and name, then its arguments: what the ``openai`` client assembles)."""
+        def chunk(d: dict[str, Any]) -> dict[str, Any]:
+            return self._chunk([{"index": index, "delta": d, "finish_reason": None, "logprobs": None}])
+
+        out = []
+        if delta.reasoning:
+            out.append(chunk({"reasoning_content": delta.reasoning}))
+        if delta.content:
+            out.append(chunk({"content": delta.content}))
+        if delta.call is not None:
+            c = delta.call
+            out.append(chunk({"tool_calls": [{"index": call_index, "id": c.id, "type": "function",
+                                              "function": {"name": c.name, "arguments": ""}}]}))
+            out.append(chunk({"tool_calls": [{"index": call_index, "function": {"arguments": c.arguments}}]}))
+        return out
+
+    def end(self, choice: Choice, echo: bool = False, called: bool = False) -> dict[str, Any]:
         """The last chunk of a choice: the finish reason (and its logprobs, when asked)."""
         if self.chat:
-            return self._chunk([{"index": choice.index, "delta": {}, "finish_reason": finish_reason(choice),
+            return self._chunk([{"index": choice.index, "delta": {}, "finish_reason": finish_reason(choice, called),
                                  "logprobs": chat_logprobs(choice)}])
         return self._chunk([{"index": choice.index, "text": "", "finish_reason": finish_reason(choice),
                              "logprobs": completion_logprobs(choice, echo)}])

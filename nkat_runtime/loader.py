@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -215,15 +216,16 @@ class LoadedModel:
         """The file's ``tokenizer.chat_template``, else a built-in one for its architecture."""
         return self.tokenizer.chat_template or BUILTIN_CHAT_TEMPLATES.get(self.config.arch)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the model's chat template (sandboxed Jinja)."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+        """Render ``messages`` with the model's chat template (sandboxed Jinja); ``extra`` are
+        template variables (``tools``, ``enable_thinking``...)."""
         from .text.chat_template import render_chat
 
         tok = self.tokenizer
         bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
         eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos, eos_token=eos)
+                           bos_token=bos, eos_token=eos, **extra)
 
 
 def trim_heap() -> None:

@@ -18,6 +18,18 @@ Prompt = str | list[int]  # text, or token ids
 
 
 @dataclass
+class ChatOptions:
+    """What a chat request adds to its messages: tools, how to read the reply, template variables."""
+
+    tools: list[dict] | None = None  # OpenAI function tools (checked by ``tool_syntax.check_tools``)
+    tool_choice: str = "auto"  # "auto" | "none" | "required" | "function" (then ``tool_name``)
+    tool_name: str | None = None
+    parallel_tool_calls: bool = False  # a forced call may be followed by more (llama.cpp's default: off)
+    reasoning_format: str | None = None  # "none" | "deepseek" | "deepseek-legacy"; None: the server's
+    template_kwargs: dict = field(default_factory=dict)  # extra chat-template variables (enable_thinking...)
+
+
+@dataclass
 class GenerationRequest:
     """One generation, in dialect-neutral terms.
 
@@ -28,6 +40,7 @@ class GenerationRequest:
 
     prompts: list[Prompt] = field(default_factory=lambda: [""])
     messages: list[dict] | None = None
+    chat: ChatOptions | None = None  # chat requests: tools, reasoning, template variables
     memory: str = ""  # Kobold: kept in preference to the prompt when cutting to fit
     max_tokens: int | None = None  # None: the server default; -1: until EOS or the context end
     max_context_length: int | None = None  # the client's own context budget (clamped to the server's)

@@ -9,19 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import logging
 import signal
 import sys
 from typing import Any, Sequence
 
 from nkat_runtime.cli import common
+from nkat_runtime.text.chat_output import REASONING_FORMATS
 
 log = logging.getLogger("nkat_server")
 
 DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 5001, "max_queue": 6, "max_body": 32.0,
                             "default_max_tokens": 512, "no_cuda": False, "no_theta": False, "parallel": 0,
                             "cache_reuse": 32, "noshift": False, "keep": -1, "cache_ram": 1024.0,
-                            "body_timeout": 60.0, "deterministic": True}
+                            "body_timeout": 60.0, "deterministic": True, "reasoning_format": "none",
+                            "chat_template_kwargs": "{}"}
 # [server] key -> argparse attribute (the flags' own names, plus KoboldCpp's spellings)
 SERVER_KEYS = {
     "model": "model", "contextsize": "ctx", "ctx": "ctx", "device": "device", "threads": "threads",
@@ -30,13 +33,15 @@ SERVER_KEYS = {
     "default_max_tokens": "default_max_tokens", "defaultgenamt": "default_max_tokens", "verbose": "verbose",
     "parallel": "parallel", "cache_reuse": "cache_reuse", "noshift": "noshift", "keep": "keep",
     "cache_ram": "cache_ram", "body_timeout": "body_timeout", "deterministic": "deterministic",
+    "reasoning_format": "reasoning_format", "chat_template_kwargs": "chat_template_kwargs",
 }
 TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "password": (str,), "theta_gamma": (int, float), "no_theta": (bool,),
     "max_queue": (int,), "max_body": (int, float), "default_max_tokens": (int,), "no_cuda": (bool,),
     "model": (str,), "ctx": (int,), "device": (str,), "verbose": (bool,), "parallel": (int,),
     "cache_reuse": (int,), "noshift": (bool,), "keep": (int,), "cache_ram": (int, float),
-    "body_timeout": (int, float), "deterministic": (bool,),
+    "body_timeout": (int, float), "deterministic": (bool,), "reasoning_format": (str,),
+    "chat_template_kwargs": (str,),
 }
 
 
@@ -73,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens kept at the start on a context shift (default -1 = the BOS token)")
     b.add_argument("--cache-ram", type=float, default=None,
                    help="MiB of RAM for the prompt cache of conversations that left their slot (default 1024; 0 = off)")
+    c = p.add_argument_group("chat")
+    c.add_argument("--reasoning-format", choices=REASONING_FORMATS, default=None,
+                   help="where a chat reply's <think>...</think> goes: none = left in the content (default), "
+                        "deepseek (or auto) = message.reasoning_content, deepseek-legacy = both; a request's "
+                        "'reasoning_format' wins")
+    c.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help="extra chat-template variables for every chat request, e.g. '{\"enable_thinking\": false}' "
+                        "(a request's 'chat_template_kwargs' wins key by key)")
     t = p.add_argument_group("θ (.nkat files)")
     t.add_argument("--theta-gamma", type=float, default=None, help="override the file's θ strength γ")
     t.add_argument("--no-theta", action="store_true", default=None, help="serve the plain source model")
@@ -108,6 +121,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--contextsize must be positive")
     if args.password == "":
         args.password = None
+    if args.reasoning_format not in REASONING_FORMATS:
+        raise ValueError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}")
+    try:
+        kwargs = json.loads(args.chat_template_kwargs)
+    except ValueError as exc:
+        raise ValueError(f"--chat-template-kwargs is not JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError("--chat-template-kwargs must be a JSON object")
     return args
 
 
@@ -162,6 +183,7 @@ async def serve(app: Any, host: str, port: int, banner: str) -> None:
 
 def build_state(args: argparse.Namespace):
     """Load the model and wrap it in an engine and the server state (no socket yet)."""
+    from nkat_runtime.request import ChatOptions
     from nkat_runtime.serve.engine import Engine
     from nkat_runtime.serve.scheduler import SchedulerConfig, auto_slots
 
@@ -172,7 +194,10 @@ def build_state(args: argparse.Namespace):
     sched = SchedulerConfig(slots=args.parallel or auto_slots(lm), cache_reuse=args.cache_reuse,
                             context_shift=not args.noshift, n_keep=args.keep,
                             cache_ram_bytes=int(args.cache_ram * 2**20))
-    engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, config=sched)
+    chat = ChatOptions(reasoning_format="deepseek" if args.reasoning_format == "auto" else args.reasoning_format,
+                       template_kwargs=json.loads(args.chat_template_kwargs))
+    engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, config=sched,
+                    chat_defaults=chat)
     config = ServerConfig(password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024),
                           body_timeout_seconds=args.body_timeout)
     return lm, ServerState(engine, config, lm.path.stem)

@@ -28,10 +28,18 @@ OPENAI_COMPLETION = _obj({"model": _STR, "prompt": {"oneOf": [_STR, {"type": "ar
                                                                {"type": "array", "items": _INT}]},
                           "max_tokens": _INT, "stream": _BOOL, "n": _INT, "stop": _STOP, "echo": _BOOL,
                           "logprobs": _INT, **_SAMPLING}, ("prompt",))
-_MESSAGE = _obj({"role": {"enum": ["system", "user", "assistant"]}, "content": _STR}, ("role", "content"))
+_MESSAGE = _obj({"role": {"enum": ["system", "developer", "user", "assistant", "tool"]}, "content": _STR,
+                 "tool_call_id": _STR}, ("role", "content"))
+_TOOL = _obj({"type": {"enum": ["function"]}, "function": _obj({"name": _STR, "description": _STR,
+                                                                 "parameters": {"type": "object"}}, ("name",))},
+             ("type", "function"))
 OPENAI_CHAT = _obj({"model": _STR, "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
                     "max_tokens": _INT, "max_completion_tokens": _INT, "stream": _BOOL, "n": _INT, "stop": _STOP,
-                    **_SAMPLING}, ("messages",))
+                    "tools": {"type": "array", "items": _TOOL},
+                    "tool_choice": {"oneOf": [{"enum": ["auto", "none", "required"]}, {"type": "object"}]},
+                    "parallel_tool_calls": _BOOL, "reasoning_format": {"enum": ["none", "deepseek", "deepseek-legacy",
+                                                                                  "auto"]},
+                    "chat_template_kwargs": {"type": "object"}, **_SAMPLING}, ("messages",))
 LLAMACPP_COMPLETION = _obj({"prompt": {"oneOf": [_STR, {"type": "array", "items": _INT}]}, "n_predict": _INT,
                             "stream": _BOOL, "stop": {"type": "array", "items": _STR}, "cache_prompt": _BOOL,
                             "n_probs": _INT, **_SAMPLING}, ("prompt",))
@@ -43,7 +51,8 @@ BODIES: dict[str, dict[str, Any]] = {
     "/api/extra/tokencount": _obj({"prompt": _STR}, ("prompt",)), "/api/extra/tokenize": _obj({"prompt": _STR}, ("prompt",)),
     "/api/extra/detokenize": _obj({"ids": {"type": "array", "items": _INT}}, ("ids",)),
     "/v1/completions": OPENAI_COMPLETION, "/completions": OPENAI_COMPLETION, "/v1/completion": OPENAI_COMPLETION,
-    "/v1/chat/completions": OPENAI_CHAT, "/chat/completions": OPENAI_CHAT,
+    "/v1/chat/completions": OPENAI_CHAT, "/chat/completions": OPENAI_CHAT, "/apply-template": OPENAI_CHAT,
+    "/api/extra/json_to_grammar": _obj({"schema": {"type": "object"}}),
     "/completion": LLAMACPP_COMPLETION, "/tokenize": _obj({"content": _STR}, ("content",)),
     "/detokenize": _obj({"tokens": {"type": "array", "items": _INT}}, ("tokens",)),
 }

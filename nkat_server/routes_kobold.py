@@ -10,6 +10,7 @@ from aiohttp import web
 from adapters import kobold
 from nkat_runtime.errors import InvalidRequestError
 from nkat_runtime.request import Choice
+from nkat_runtime.sampling.json_gbnf import schema_to_gbnf
 
 from .errors import ApiError, classify, error_payload
 from .framework import Route, ServerState, json_response, read_json
@@ -117,6 +118,19 @@ async def tokencount(state: ServerState, request: web.Request) -> web.Response:
     return json_response({"value": len(ids), "ids": ids})
 
 
+async def json_to_grammar(state: ServerState, request: web.Request) -> web.Response:
+    """koboldcpp's ``/api/extra/json_to_grammar``: ``{"schema": {...}}`` (or the schema as the body) →
+    ``{"result": GBNF, "success": true}``; an unsupported schema is a 400 with ``success: false``."""
+    try:
+        body = await read_json(request, state)
+        schema = body.get("schema", body) if isinstance(body, dict) else body
+        grammar = schema_to_gbnf(schema)
+    except (InvalidRequestError, ApiError) as exc:
+        status = exc.status if isinstance(exc, ApiError) else 400
+        return json_response({"result": "", "success": False, **kobold.error_body(str(exc))}, status=status)
+    return json_response({"result": grammar, "success": True})
+
+
 async def detokenize(state: ServerState, request: web.Request) -> web.Response:
     try:
         ids = kobold.parse_detokenize(await read_json(request, state))
@@ -153,5 +167,6 @@ def routes() -> list[Route]:
         Route("POST", "/api/extra/tokencount", tokencount, "kobold", protected=True),
         Route("POST", "/api/extra/tokenize", tokencount, "kobold", protected=True),
         Route("POST", "/api/extra/detokenize", detokenize, "kobold", protected=True),
+        Route("POST", "/api/extra/json_to_grammar", json_to_grammar, "kobold"),
     ]
     return out

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from adapters import openai
 from nkat_runtime.request import GenerationRequest
+from nkat_runtime.text.chat_output import Delta, OutputFormat, OutputParser
 
 from .errors import classify, error_payload
 from .framework import Route, ServerState, json_response, read_json
@@ -31,18 +33,35 @@ async def chat_completions(state: ServerState, request: web.Request) -> web.Stre
     return await _serve(state, request, greq, opts, chat=True)
 
 
+async def apply_template(state: ServerState, request: web.Request) -> web.Response:
+    """llama.cpp's ``/apply-template``: a chat body's prompt text, without generating."""
+    greq, _ = openai.parse_chat(await read_json(request, state))
+    return json_response({"prompt": await asyncio.to_thread(state.engine.apply_template, greq)})
+
+
 async def _serve(state: ServerState, request: web.Request, greq: GenerationRequest, opts: openai.StreamOptions,
                  chat: bool) -> web.StreamResponse:
     handle = await submit(state, greq)
+    fmt = handle.prepared.output or OutputFormat()
     if not opts.stream:
         outcome = await run_to_end(handle)
-        body = (openai.chat_response(outcome, state.model_id) if chat
-                else openai.completion_response(outcome, state.model_id, greq.echo))
+        body = (openai.chat_response(outcome, state.model_id, [OutputParser(fmt).parse(c.text) for c in outcome.choices])
+                if chat else openai.completion_response(outcome, state.model_id, greq.echo))
         return json_response(body, headers=warning_headers(handle))
 
     writer = SSEWriter(request, warning_headers(handle))
     maker = openai.ChunkMaker(handle.id, int(time.time()), state.model_id, chat, opts.include_usage)
     prompt_texts = [p.text for p in handle.prepared.prompts]
+
+    parsers: dict[int, OutputParser] = {}
+    calls: dict[int, int] = {}  # tool calls streamed per choice
+
+    async def send(index: int, deltas: list[Delta]) -> None:
+        for d in deltas:
+            for chunk in maker.delta(index, d, calls.get(index, 0)):
+                await writer.data(chunk)
+            if d.call is not None:
+                calls[index] = calls.get(index, 0) + 1
 
     async def body() -> AsyncIterator[None]:
         await writer.open()
@@ -61,11 +80,15 @@ async def _serve(state: ServerState, request: web.Request, greq: GenerationReque
         async for event in events_with_keepalive(handle, writer, state.config.keepalive_seconds):
             if event.kind == "text":
                 await start(event.index)
-                if event.text:
+                if event.text and chat:
+                    await send(event.index, parsers.setdefault(event.index, OutputParser(fmt)).feed(event.text))
+                elif event.text:
                     await writer.data(maker.text(event.index, event.text))
             elif event.kind == "choice" and event.choice is not None:
                 await start(event.index)
-                await writer.data(maker.end(event.choice, greq.echo))
+                if chat:
+                    await send(event.index, parsers.setdefault(event.index, OutputParser(fmt)).finish())
+                await writer.data(maker.end(event.choice, greq.echo, called=calls.get(event.index, 0) > 0))
             elif event.kind == "done" and event.outcome is not None:
                 for choice in event.outcome.choices:  # choices that never ran (aborted in the queue)
                     if choice.index not in started:
@@ -93,4 +116,5 @@ def routes() -> list[Route]:
             Route("POST", f"{prefix}/chat/completions", chat_completions, "openai", protected=True),
         ]
     out.append(Route("POST", "/v1/completion", completions, "openai", protected=True))
+    out.append(Route("POST", "/apply-template", apply_template, "openai", protected=True))
     return out

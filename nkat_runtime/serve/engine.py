@@ -24,8 +24,17 @@ from typing import AsyncIterator
 
 from ..errors import ServerBusyError
 from ..loader import LoadedModel
-from ..request import Choice, EngineStats, GenerationEvent, GenerationOutcome, GenerationRequest, TokenLogprob
+from ..request import (
+    ChatOptions,
+    Choice,
+    EngineStats,
+    GenerationEvent,
+    GenerationOutcome,
+    GenerationRequest,
+    TokenLogprob,
+)
 from ..sampling.chain import make_generator
+from .chat import chat_prompt
 from .prepare import Prepared, Preparer
 from .scheduler import Scheduler, SchedulerConfig, Task
 from .sequence import SequenceRun
@@ -93,7 +102,7 @@ class JobHandle:
 
 class Engine:
     def __init__(self, lm: LoadedModel, *, max_queue: int = 6, default_max_tokens: int = 512,
-                 config: SchedulerConfig | None = None) -> None:
+                 config: SchedulerConfig | None = None, chat_defaults: ChatOptions | None = None) -> None:
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         self.lm = lm
@@ -101,7 +110,8 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.config = config or SchedulerConfig()
         self.sched = Scheduler(lm, self.config)
-        self.preparer = Preparer(lm, default_max_tokens, context_shift=self.config.context_shift)
+        self.preparer = Preparer(lm, default_max_tokens, context_shift=self.config.context_shift,
+                                 chat_defaults=chat_defaults)
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
@@ -145,6 +155,10 @@ class Engine:
     def prepare(self, req: GenerationRequest) -> Prepared:
         """Tokenise and fit (CPU; thread-safe): call it off the event loop."""
         return self.preparer.prepare(req)
+
+    def apply_template(self, req: GenerationRequest) -> str:
+        """The prompt a chat request becomes (messages and tools through the template)."""
+        return chat_prompt(self.lm, req, self.preparer.chat_defaults).text
 
     def _full(self) -> bool:
         """Every free slot is spoken for and ``max_queue`` jobs wait beyond them."""

@@ -17,8 +17,10 @@ from typing import Sequence
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..loader import LoadedModel
-from ..request import GenerationRequest
+from ..request import ChatOptions, GenerationRequest
 from ..sampling.grammar import GrammarCompiler
+from ..text.chat_output import OutputFormat
+from .chat import chat_prompt
 from .sequence import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class Prepared:
     seed: int
     truncated_tokens: int = 0
     warnings: list[str] = field(default_factory=list)
+    output: OutputFormat | None = None  # chat: how to split the reply (reasoning, tool calls)
 
     @property
     def max_tokens(self) -> int:
@@ -87,8 +90,10 @@ MAX_SHIFTED_CONTEXTS = 64  # with context shift, max_tokens may reach this many 
 
 
 class Preparer:
-    def __init__(self, lm: LoadedModel, default_max_tokens: int, context_shift: bool = False) -> None:
+    def __init__(self, lm: LoadedModel, default_max_tokens: int, context_shift: bool = False,
+                 chat_defaults: ChatOptions | None = None) -> None:
         self.lm = lm
+        self.chat_defaults = chat_defaults or ChatOptions()  # --reasoning-format, --chat-template-kwargs
         rows = lm.gguf.tensors["token_embd.weight"].shape[0]  # the logits' width
         self.grammars = GrammarCompiler(lm.tokenizer, rows)  # llguidance's token table: built on first use
         self.default_max_tokens = default_max_tokens
@@ -112,9 +117,11 @@ class Preparer:
         tok = self.lm.tokenizer
         prompts: list[PreparedPrompt] = []
         truncated = 0
-        if req.messages is not None:
-            text = self.lm.render_chat(req.messages, add_generation_prompt=True)
-            sources: list[str | list[int]] = [text]
+        chat = chat_prompt(self.lm, req, self.chat_defaults) if req.messages is not None else None
+        grammar = req.grammar
+        if chat is not None:
+            sources: list[str | list[int]] = [chat.text]
+            grammar = chat.grammar or grammar
         else:
             sources = list(req.prompts) or [""]
         for src in sources:
@@ -146,12 +153,13 @@ class Preparer:
             raise InvalidRequestError(str(exc)) from None
         for w in warnings:
             log.warning("%s request: %s", req.dialect, w)
-        constraint = self.grammars.compile(req.grammar) if req.grammar is not None else None
+        constraint = self.grammars.compile(grammar) if grammar is not None else None
         gen = GenerationParams(max(p.max_new for p in prompts), params, stop, frozenset() if req.bypass_eos else frozenset(stop_ids), phrases,
                                logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None,
                                include_stop=not req.trim_stop, skip_special=not req.render_special,
-                               cache_prompt=req.cache_prompt, constraint=constraint)
-        return Prepared(req, prompts, gen, seed, truncated, warnings)
+                               cache_prompt=req.cache_prompt, constraint=constraint,
+                               shown_ids=chat.shown_ids if chat is not None else frozenset())
+        return Prepared(req, prompts, gen, seed, truncated, warnings, chat.output if chat is not None else None)
 
     def _fit(self, req: GenerationRequest, src: str | list[int], warnings: list[str]) -> tuple[PreparedPrompt, int]:
         tok, ctx = self.lm.tokenizer, self.lm.context

@@ -46,6 +46,7 @@ class GenerationParams:
     skip_special: bool = True  # control tokens are not printed
     cache_prompt: bool = True  # False: reuse nothing cached (llama.cpp's cache_prompt)
     constraint: Callable[[], Constraint] | None = None  # a grammar: makes each sequence's matcher
+    shown_ids: frozenset[int] = frozenset()  # control tokens printed anyway (markers the reply parser reads)
 
 
 class StopMatcher:
@@ -155,7 +156,7 @@ class SequenceRun:
         self.gen = generator if generator is not None else make_generator(params.sampling.seed)
         self.state = SamplerState()
         self.history = list(self.prompt)
-        self.decoder = StreamDecoder(lm.tokenizer, skip_special=params.skip_special)
+        self.decoder = self._decoder()
         self.offsets: list[int] = []  # text length after each generated token
         self.position_bans: dict[int, set[int]] = {}
         self.backtracks = 0
@@ -166,6 +167,9 @@ class SequenceRun:
         self.done = False
         self.started = 0.0
         self.grammar = params.constraint() if params.constraint is not None else None
+
+    def _decoder(self) -> StreamDecoder:
+        return StreamDecoder(self.lm.tokenizer, skip_special=self.params.skip_special, shown=self.params.shown_ids)
 
     # --- the prompt ------------------------------------------------------------------------------
     def prompt_logits(self, logits: torch.Tensor, start: int) -> None:
@@ -198,7 +202,7 @@ class SequenceRun:
         if prompt_logprobs:
             self._first_prompt_entry()
         if res.prompt_logprobs:
-            offset, dec = 0, StreamDecoder(self.lm.tokenizer, skip_special=self.params.skip_special)
+            offset, dec = 0, self._decoder()
             for entry in res.prompt_logprobs:
                 entry.text_offset = offset
                 offset += len(dec.feed(entry.token_id))
@@ -249,7 +253,7 @@ class SequenceRun:
                     del res.token_ids[t:], self.offsets[t:], self.history[len(self.prompt) + t :]
                     if res.logprobs is not None:
                         del res.logprobs[t:]
-                    self.decoder = StreamDecoder(self.lm.tokenizer, skip_special=self.params.skip_special)
+                    self.decoder = self._decoder()
                     self.text = "".join(self.decoder.feed(i) for i in res.token_ids)
                     if t == 0:
                         logits = self.first_logits

@@ -28,7 +28,7 @@ from __future__ import annotations
 import codecs
 import logging
 import re
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Collection, Iterable, NamedTuple
 
 from ..errors import TokenizerError
 from .pretokenizers import FALLBACK, PRE_TOKENIZERS
@@ -245,9 +245,10 @@ class StreamDecoder:
     including the SPM convention of dropping the dummy-prefix space at the very start.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True, shown: Collection[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special = skip_special
+        self.shown = frozenset(shown)  # control tokens printed even when skipping (tool-call markers)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._at_start = tokenizer.space_prefix
 
@@ -259,7 +260,7 @@ class StreamDecoder:
 
     def feed(self, token_id: int) -> str:
         tok = self.tokenizer
-        if self.skip_special and tok.is_special(token_id):
+        if self.skip_special and tok.is_special(token_id) and token_id not in self.shown:
             return ""
         return self._emit(self._decoder.decode(tok.token_bytes(token_id)))
 

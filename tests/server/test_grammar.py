@@ -97,3 +97,24 @@ def test_eight_concurrent_constrained_streams(server):
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(one, range(8)))
     assert all(t in ("yes!", "no!") for t in texts), texts
+
+
+def test_json_to_grammar_then_generate(server):
+    """KoboldAI Lite's way: ask for the GBNF of a schema, then send it as the Kobold grammar."""
+    r = server.post("/api/extra/json_to_grammar", {"schema": SCHEMA})
+    assert r.status == 200 and r.json()["success"] is True, r.body
+    gbnf = r.json()["result"]
+    assert gbnf.startswith("root ::=")
+    assert server.post("/api/extra/json_to_grammar", SCHEMA).json()["result"] == gbnf  # the schema as the body
+    done = 0
+    for seed in range(3):
+        r = server.post("/api/v1/generate", {"prompt": "the", "max_length": 48, "temperature": 1.5,
+                                             "sampler_seed": seed + 1, "grammar": gbnf})
+        result = r.json()["results"][0]
+        if result["finish_reason"] == "length":
+            continue
+        _valid(result["text"])
+        done += 1
+    assert done, "every reply was cut by the length limit"
+    bad = server.post("/api/extra/json_to_grammar", {"schema": {"type": "string", "pattern": "^a$"}})
+    assert bad.status == 400 and bad.json()["success"] is False and "pattern" in bad.json()["detail"]["msg"]

@@ -1,5 +1,7 @@
 """Constrained output on a real instruction-tuned model through the ``openai`` client: 10 prompts
-with a JSON schema must each parse and validate (``jsonschema``), unless the length limit cut them."""
+with a JSON schema must each parse and validate (``jsonschema``), unless the length limit cut them;
+``tool_choice`` ``required`` gives a call in Qwen's own ``<tool_call>`` syntax whose arguments
+validate, whole and streamed; the call and its result go back through Qwen's template."""
 
 from __future__ import annotations
 
@@ -48,3 +50,48 @@ def test_json_schema_replies_validate(client, capsys):
     with capsys.disabled():
         print(f"\nqwen2.5-coder-0.5b, JSON schema: {valid} valid, {cut} cut by the length limit, of {len(CITIES)}")
     assert valid >= 8, f"only {valid} of {len(CITIES)} replies completed"
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city"]}
+TIME = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "Local time in a city",
+                                           "parameters": TIME}}]
+ASK = [{"role": "user", "content": "What's the weather like in Paris right now?"}]
+
+
+def _check_call(call) -> None:
+    assert call.type == "function" and call.function.name in ("get_weather", "get_time")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER if call.function.name == "get_weather" else TIME)
+
+
+def test_required_tool_call(client, capsys):
+    out = client.chat.completions.create(model="qwen", messages=ASK, tools=TOOLS, tool_choice="required",
+                                         temperature=0, max_tokens=80)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    _check_call(choice.message.tool_calls[0])
+    with client.chat.completions.stream(model="qwen", messages=ASK, tools=TOOLS, tool_choice="required",
+                                        temperature=0, max_tokens=80) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls" and len(streamed.message.tool_calls) == 1
+    _check_call(streamed.message.tool_calls[0])
+    assert streamed.message.tool_calls[0].function.arguments == choice.message.tool_calls[0].function.arguments
+    call = choice.message.tool_calls[0]
+    auto = client.chat.completions.create(model="qwen", messages=ASK, tools=TOOLS, temperature=0, max_tokens=80)
+    for c in auto.choices[0].message.tool_calls or []:
+        _check_call(c)
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 14, "sky": "cloudy"})}]
+    after = client.chat.completions.create(model="qwen", messages=history, tools=TOOLS, tool_choice="none",
+                                           temperature=0, max_tokens=60)
+    with capsys.disabled():
+        print(f"\nqwen2.5-coder-0.5b, tool_choice required: {call.function.name}({call.function.arguments}); "
+              f"auto: {auto.choices[0].finish_reason} "
+              f"{[(c.function.name, c.function.arguments) for c in auto.choices[0].message.tool_calls or []]}; "
+              f"after the tool's result: {after.choices[0].message.content!r}")
+    assert after.choices[0].finish_reason in ("stop", "length") and after.choices[0].message.content

@@ -13,6 +13,7 @@ from client_bodies import LITE, ST_KOBOLDCPP
 from nkat_runtime.errors import InvalidRequestError, RequestNotSupportedError
 from nkat_runtime.request import Choice, GenerationOutcome, TokenLogprob
 from nkat_runtime.sampling.params import DEFAULT_ORDER
+from nkat_runtime.text.chat_output import ParsedMessage, ToolCall
 
 
 def test_sillytavern_koboldcpp_body_maps_every_kobold_field():
@@ -98,11 +99,17 @@ def test_openai_chat_messages():
     req, _ = openai.parse_chat({"messages": [
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
-    ], "max_completion_tokens": 7, "logprobs": True, "top_logprobs": 3, "tools": [{"type": "function"}]})
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    ], "max_completion_tokens": 7, "logprobs": True, "top_logprobs": 3,
+        "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})
     assert [m["role"] for m in req.messages] == ["system", "user", "assistant"]
     assert req.messages[1]["content"] == "a\nb" and req.messages[2]["content"] == ""
-    assert req.max_tokens == 7 and req.logprobs == 3 and req.warnings  # tools: ignored, with a warning
+    assert req.max_tokens == 7 and req.logprobs == 3 and not req.warnings
+    assert req.chat.tools[0]["function"]["parameters"] == {"type": "object", "properties": {}}
+    assert req.chat.tool_choice == "required" and not req.chat.parallel_tool_calls
+    with pytest.raises(InvalidRequestError, match="tool_calls"):
+        openai.parse_chat({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]})
     with pytest.raises(RequestNotSupportedError):
         openai.parse_chat({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
     req, _ = openai.parse_chat({"messages": [{"role": "user", "content": "x"}],
@@ -150,8 +157,15 @@ def test_response_shapes():
     assert c["choices"][0]["logprobs"]["text_offset"] == [3]  # shifted past the echoed prompt
     assert c["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6,
                           "prompt_tokens_details": {"cached_tokens": 0}}
-    ch = openai.chat_response(out, "m")
+    ch = openai.chat_response(out, "m", [ParsedMessage(c.text) for c in out.choices])
     assert ch["choices"][1]["message"] == {"role": "assistant", "content": " hello there", "refusal": None}
+    called = openai.chat_response(out, "m", [ParsedMessage("", "why", [ToolCall("call_x", "f", "{}")]),
+                                             ParsedMessage("")])
+    assert called["choices"][0]["finish_reason"] == "tool_calls"  # the first ended on its end token
+    assert called["choices"][0]["message"] == {"role": "assistant", "content": None, "refusal": None,
+                                               "reasoning_content": "why", "tool_calls": [
+                                                   {"id": "call_x", "type": "function",
+                                                    "function": {"name": "f", "arguments": "{}"}}]}
     assert ch["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"] == " yo"
     assert ch["choices"][1]["finish_reason"] == "length"
     lc = llamacpp.completion_result(out.choices[0], out, "m", {}, True)
