@@ -118,3 +118,24 @@ def test_json_to_grammar_then_generate(server):
     assert done, "every reply was cut by the length limit"
     bad = server.post("/api/extra/json_to_grammar", {"schema": {"type": "string", "pattern": "^a$"}})
     assert bad.status == 400 and bad.json()["success"] is False and "pattern" in bad.json()["detail"]["msg"]
+
+
+def test_grammar_with_stop_strings_bans_and_prompt_cache(server):
+    """A grammar together with a stop string (trimmed), a banned phrase (the grammar's other branch
+    is taken), and a repeated prompt that reuses its cached prefix (same text, still valid)."""
+    r = server.post("/api/v1/generate", {"prompt": "the", "max_length": 8, "temperature": 2.0, "sampler_seed": 1,
+                                         "grammar": YES_NO, "stop_sequence": ["!"]})
+    assert r.json()["results"][0]["text"] in ("yes", "no"), r.body
+    for seed in range(1, 4):
+        r = server.post("/api/v1/generate", {"prompt": "the", "max_length": 8, "temperature": 2.0,
+                                             "sampler_seed": seed, "grammar": YES_NO, "banned_tokens": ["yes"]})
+        assert r.json()["results"][0]["text"] == "no!", r.body
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    fmt = {"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMA}}
+    messages = [{"role": "user", "content": "pick left or right, and a number " * 3}]
+    first, second = (client.chat.completions.create(model="m", messages=messages, max_tokens=64, temperature=0,
+                                                    response_format=fmt) for _ in range(2))
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    assert first.choices[0].message.content == second.choices[0].message.content
+    if first.choices[0].finish_reason != "length":
+        _valid(first.choices[0].message.content)
