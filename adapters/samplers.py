@@ -180,7 +180,9 @@ def read_grammar(f: Fields, req: GenerationRequest) -> None:
     llama.cpp ``json_schema``: a JSON schema. ``grammar_retain_state`` (Kobold) needs nothing:
     every generation starts the grammar afresh."""
     schema = f.raw("json_schema")
-    gbnf = f.raw("grammar", "grammar_string")
+    # SillyTavern sends both, one of them empty: the first one that holds a grammar counts
+    gbnf = next((g for g in (f.raw("grammar"), f.raw("grammar_string")) if g is not None and g[1] != ""),
+                f.raw("grammar"))
     if gbnf is not None and isinstance(gbnf[1], str) and gbnf[1].strip():
         req.grammar = GrammarSpec("gbnf", gbnf[1], gbnf[0])
     elif gbnf is not None and gbnf[1] not in (None, ""):

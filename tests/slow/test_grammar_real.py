@@ -6,11 +6,13 @@ validate, whole and streamed; the call and its result go back through Qwen's tem
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
 import pytest
 
+from client_bodies import ST_KOBOLDCPP
 from serverproc import Server
 
 pytestmark = pytest.mark.slow
@@ -28,8 +30,10 @@ CITIES = ["Paris", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Toronto", "Mumbai
 @pytest.fixture(scope="module")
 def client(model_path, tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("grammar-real"), "--model", str(model_path("qwen2.5-coder-0.5b")),
-                 "--parallel", "2", "--contextsize", "1024")
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=600)
+                 "--parallel", "4", "--contextsize", "1024", "--max-queue", "8")
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=600)
+    c.server = srv  # type: ignore[attr-defined]  # the Kobold routes too
+    yield c
     srv.stop()
 
 
@@ -95,3 +99,41 @@ def test_required_tool_call(client, capsys):
               f"{[(c.function.name, c.function.arguments) for c in auto.choices[0].message.tool_calls or []]}; "
               f"after the tool's result: {after.choices[0].message.content!r}")
     assert after.choices[0].finish_reason in ("stop", "length") and after.choices[0].message.content
+
+
+YES_NO = 'root ::= ("yes" | "no")'
+
+
+def test_kobold_and_sillytavern_grammars(client):
+    srv = client.server
+    for question in ("Is water wet?", "Is the sun cold?", "Can fish fly?"):
+        r = srv.post("/api/v1/generate", {"prompt": f"Answer yes or no. {question}\nAnswer: ", "max_length": 8,
+                                          "temperature": 0.7, "sampler_seed": 1, "grammar": YES_NO})
+        assert r.status == 200 and r.json()["results"][0]["text"] in ("yes", "no"), r.body
+    st = dict(ST_KOBOLDCPP, prompt="User: Is water wet? Answer yes or no.\nAssistant: ", grammar_string=YES_NO,
+              stream=False)
+    r = srv.post("/v1/completions", st)  # SillyTavern's whole Text Completion body, grammar on
+    assert r.status == 200 and r.json()["choices"][0]["text"] in ("yes", "no"), r.body
+
+
+def test_eight_concurrent_constrained_streams(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
+
+    def one(city: str) -> tuple[str, str]:
+        text, finish = "", None
+        for chunk in client.chat.completions.create(
+                model="qwen", max_tokens=96, temperature=0.7, seed=2, response_format=fmt, stream=True,
+                messages=[{"role": "user", "content": f"Give facts about {city} as JSON."}]):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, CITIES[:8]))
+    for text, finish in results:
+        if finish == "length":
+            continue
+        assert finish == "stop"
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert sum(f == "stop" for _, f in results) >= 6, results

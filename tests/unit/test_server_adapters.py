@@ -202,3 +202,14 @@ def test_kobold_small_bodies():
     v = kobold.version_info(True, "0.1.0")
     assert v["result"] == "KoboldCpp" and v["protected"] is True
     assert tuple(int(x) for x in v["version"].split(".")) >= (1, 76)
+
+
+def test_sillytavern_sends_grammar_and_grammar_string_one_empty():
+    from client_bodies import ST_KOBOLDCPP
+
+    req, _ = openai.parse_completion(dict(ST_KOBOLDCPP, grammar_string='root ::= "a"'))
+    assert req.grammar is not None and req.grammar.text == 'root ::= "a"' and req.grammar.field == "grammar_string"
+    req, _ = openai.parse_completion(dict(ST_KOBOLDCPP, grammar='root ::= "b"'))
+    assert req.grammar.text == 'root ::= "b"' and req.grammar.field == "grammar"
+    req, _ = openai.parse_completion(ST_KOBOLDCPP)  # both empty: no grammar
+    assert req.grammar is None
