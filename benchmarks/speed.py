@@ -84,8 +84,7 @@ def ours(path: Path, args: argparse.Namespace) -> dict:
                     compile=args.compile)
     rss_load = peak_rss_mb()
     weight_bytes, file_bytes = decode_weight_bytes(lm.model)
-    cfg = lm.config
-    kv_mb = 2 * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * ctx * 4 / 2**20  # float32 K and V
+    kv_mb = lm.model.kv_bytes_per_token() * ctx / 2**20  # the cache's own types
     file_mb = path.stat().st_size / 2**20
     ids = prompt_tokens(lm, BUILTIN_EVAL.read_text(encoding="utf-8"), args.prompt)
     time_prefill(lm, ids[:16])  # warm-up

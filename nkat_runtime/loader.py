@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import quant
+from .cache_types import DEFAULT_CACHE_TYPE
 from .errors import ModelFormatError, UnsupportedError
 from .gguf.reader import GGUFFile, TensorRef, open_gguf
 from .model import DecoderModel, ModelConfig, config_for, int4
@@ -268,6 +269,7 @@ def load_model(
     compile: bool = False,
     batch_invariant: bool = True,
     layout_cache: bool = True,
+    cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE),
 ) -> LoadedModel:
     """Open, validate and build the model; allocate the KV cache for ``context`` tokens.
 
@@ -282,6 +284,9 @@ def load_model(
 
     For a .nkat file, θ is applied with the file's γ (``nkat.theta.gamma``) unless
     ``theta_gamma`` overrides it; ``theta=False`` loads the plain source model.
+
+    ``cache_types``: the KV cache's types for keys and values (``f32``, ``f16``, ``bf16``, ``q8_0``;
+    ``model/kv_cache.py``).
 
     ``layout_cache`` reads the packed weights back from ``~/.cache/nkat/layouts`` when an
     earlier start stored them, and stores them otherwise (``model/layout_cache.py``).
@@ -319,7 +324,7 @@ def load_model(
     model.eval()
     model.set_batch_invariant(batch_invariant)
     trim_heap()
-    model.setup_caches(max_batch, n_ctx)
+    model.setup_caches(max_batch, n_ctx, cache_types)
     if compile:
         model.compile_decode(mode="reduce-overhead" if dev.type == "cuda" else None)
         for pos in (0, 1):  # compile now, not on the first request (the second step: dynamic KV length)

@@ -15,6 +15,7 @@ import signal
 import sys
 from typing import Any, Sequence
 
+from nkat_runtime.cache_types import CACHE_TYPES
 from nkat_runtime.cli import common
 from nkat_runtime.text.chat_output import REASONING_FORMATS
 
@@ -34,6 +35,7 @@ SERVER_KEYS = {
     "parallel": "parallel", "cache_reuse": "cache_reuse", "noshift": "noshift", "keep": "keep",
     "cache_ram": "cache_ram", "body_timeout": "body_timeout", "deterministic": "deterministic",
     "reasoning_format": "reasoning_format", "chat_template_kwargs": "chat_template_kwargs",
+    "cache_type_k": "cache_type_k", "cache_type_v": "cache_type_v", "quantkv": "quantkv",
 }
 TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "password": (str,), "theta_gamma": (int, float), "no_theta": (bool,),
@@ -41,7 +43,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "ctx": (int,), "device": (str,), "verbose": (bool,), "parallel": (int,),
     "cache_reuse": (int,), "noshift": (bool,), "keep": (int,), "cache_ram": (int, float),
     "body_timeout": (int, float), "deterministic": (bool,), "reasoning_format": (str,),
-    "chat_template_kwargs": (str,),
+    "chat_template_kwargs": (str,), "cache_type_k": (str,), "cache_type_v": (str,), "quantkv": (int,),
 }
 
 
@@ -121,6 +123,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--contextsize must be positive")
     if args.password == "":
         args.password = None
+    for key in ("cache_type_k", "cache_type_v"):
+        if getattr(args, key, None) is not None and getattr(args, key) not in CACHE_TYPES:
+            raise ValueError(f"{key} must be one of {', '.join(CACHE_TYPES)}")
+    if getattr(args, "quantkv", None) not in (None, 0, 1):
+        raise ValueError("quantkv must be 0 (f16) or 1 (q8_0)")
     if args.reasoning_format not in REASONING_FORMATS:
         raise ValueError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}")
     try:
@@ -216,7 +223,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s", warning)
     lm, state = build_state(args)
     banner = (f"model {lm.path.name} ({lm.name}, {lm.config.arch}) on {lm.device}, context {lm.context}, "
-              f"{theta_state(lm, args)}, {state.engine.config.slots} slot(s), "
+              f"{theta_state(lm, args)}, {state.engine.config.slots} slot(s), KV cache "
+              f"{'/'.join(lm.model.cache_types)} ({state.engine.cache_stats()['bytes_total'] / 2**20:.0f} MiB), "
               f"context shift {'off' if args.noshift else 'on'}, batch-invariant decode "
               f"{'on' if args.deterministic else 'off'}, auth {'on' if args.password else 'off'}")
     asyncio.run(serve(create_app(state), args.host, args.port, banner))

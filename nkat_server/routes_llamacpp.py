@@ -59,7 +59,7 @@ async def props(state: ServerState, request: web.Request) -> web.Response:
         "eos_token": tok.id_to_token(tok.eos_id) if tok.eos_id is not None else "",
         "build_info": f"nkat {state.version}",
         "modalities": {"vision": False, "audio": False},
-        "nkat": state.engine.batch_stats(),
+        "nkat": {**state.engine.batch_stats(), "kv_cache": state.engine.cache_stats()},
     })
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import bundled
+from ..cache_types import CACHE_TYPES, DEFAULT_CACHE_TYPE
 from ..errors import NKATError
 
 EXIT_USAGE = 2
@@ -35,12 +36,19 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
                    help="batch-invariant decode (default on): a sequence decoded among others gets the same "
                         "bits, so the same text, as alone; --no-deterministic multiplies a batch's rows in one "
                         "GEMM, faster with large float32 layers (F16/F32 weights), see docs/server.md")
+    g.add_argument("--cache-type-k", "-ctk", dest="cache_type_k", choices=CACHE_TYPES, default=None,
+                   help=f"KV cache type for keys (default {DEFAULT_CACHE_TYPE}; q8_0: 8-bit blocks of 32, ~53 %% of bf16)")
+    g.add_argument("--cache-type-v", "-ctv", dest="cache_type_v", choices=CACHE_TYPES, default=None,
+                   help=f"KV cache type for values (default {DEFAULT_CACHE_TYPE})")
+    g.add_argument("--quantkv", type=int, choices=(0, 1), default=None,
+                   help="koboldcpp's spelling: 0 = f16 keys and values, 1 = q8_0 (2, q4, is not offered)")
     g.add_argument("--config", default=None,
                    help="TOML settings file ([model] model/ctx/device/threads); default ./config.toml if present")
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
-MODEL_KEYS = {"model": "model", "ctx": "ctx", "device": "device", "threads": "threads"}
+MODEL_KEYS = {"model": "model", "ctx": "ctx", "device": "device", "threads": "threads",
+              "cache_type_k": "cache_type_k", "cache_type_v": "cache_type_v"}
 ZERO_IS_DEFAULT = {"ctx", "threads"}  # "threads = 0" in a config file means "the default"
 
 
@@ -117,7 +125,15 @@ def load_from_args(args: argparse.Namespace, **kwargs):
     if kwargs["compile"]:
         inductor_cache()
     kwargs.setdefault("batch_invariant", getattr(args, "deterministic", None) is not False)
+    kwargs.setdefault("cache_types", cache_types(args))
     return load_model(path, device=device, context=args.ctx, **kwargs)
+
+
+def cache_types(args: argparse.Namespace) -> tuple[str, str]:
+    """(keys, values) from --cache-type-k / -v, else koboldcpp's --quantkv, else the default."""
+    quantkv = getattr(args, "quantkv", None)
+    fallback = DEFAULT_CACHE_TYPE if quantkv is None else ("f16", "q8_0")[quantkv]
+    return getattr(args, "cache_type_k", None) or fallback, getattr(args, "cache_type_v", None) or fallback
 
 
 def inductor_cache() -> None:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Attention, FeedForward, KVCache, RMSNorm, Rotary, Rows, attention_mask
+from .kv_cache import KVCache
+from .layers import Attention, FeedForward, RMSNorm, Rotary, Rows, attention_mask
 from .linear import RowLocal
 from .moe import MoEFeedForward
 
@@ -150,8 +151,10 @@ class DecoderModel(nn.Module):
         """Whether every row-local layer computes its rows alone (``set_batch_invariant``)."""
         return all(m.row_local for m in self.modules() if isinstance(m, RowLocal))
 
-    def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype = torch.float32) -> None:
-        """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens."""
+    def setup_caches(self, max_batch: int, max_seq: int, cache_types: tuple[str, str] | None = None) -> None:
+        """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens;
+        ``cache_types`` (keys, values: ``f32``, ``f16``, ``bf16``, ``q8_0``) default to the last ones."""
+        self.cache_types = cache_types or getattr(self, "cache_types", ("f32", "f32"))
         cfg = self.config
         device = self.output_norm.weight.device
         factors = self.rope_freqs
@@ -162,14 +165,13 @@ class DecoderModel(nn.Module):
         rope_local = Rotary(cfg.rope_dim, cfg.rope_base_swa, max_seq, 1.0, cfg.rope_neox, factors).to(device)
         for layer in self.layers:
             layer.attn.rotary = rope_local if layer.is_swa else rope_global
-            layer.cache = KVCache(max_batch, cfg.n_head_kv, max_seq, cfg.head_dim, dtype, device)
+            layer.cache = KVCache(max_batch, cfg.n_head_kv, max_seq, cfg.head_dim, device, *self.cache_types)
         self.max_seq, self.max_batch = max_seq, max_batch
 
     def kv_bytes_per_token(self) -> int:
         """Bytes one cached token takes in one cache row (every layer, K and V)."""
-        c = self.layers[0].cache
-        assert c is not None, "call setup_caches() first"
-        return len(self.layers) * 2 * c.k.shape[1] * c.k.shape[3] * c.k.element_size()
+        assert all(b.cache is not None for b in self.layers), "call setup_caches() first"
+        return sum(b.cache.bytes_per_position() for b in self.layers)  # type: ignore[union-attr]
 
     @torch.inference_mode()
     def shift_kv(self, row: int, src: int, dst: int, n: int) -> None:
@@ -180,17 +182,16 @@ class DecoderModel(nn.Module):
             layer.cache.move(row, src, dst, n, layer.attn.rotary)
 
     @torch.inference_mode()
-    def read_kv(self, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A copy of the first ``n`` cached positions of ``row``, per layer (K, V)."""
-        return [(b.cache.k[row, :, :n].clone(), b.cache.v[row, :, :n].clone()) for b in self.layers]  # type: ignore[union-attr]
+    def read_kv(self, row: int, n: int) -> list[tuple[torch.Tensor, ...]]:
+        """A copy of the first ``n`` cached positions of ``row``, per layer (its planes, K then V)."""
+        return [b.cache.read(row, n) for b in self.layers]  # type: ignore[union-attr]
 
     @torch.inference_mode()
-    def write_kv(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
+    def write_kv(self, row: int, kv: list[tuple[torch.Tensor, ...]], n: int) -> None:
         """Put the first ``n`` positions of a :meth:`read_kv` copy back into ``row``."""
-        for layer, (k, v) in zip(self.layers, kv):
+        for layer, saved in zip(self.layers, kv):
             assert layer.cache is not None
-            layer.cache.k[row, :, :n] = k[:, :n]
-            layer.cache.v[row, :, :n] = v[:, :n]
+            layer.cache.write(row, saved, n)
 
     @torch.inference_mode()
     def forward(

@@ -1,4 +1,4 @@
-"""Building blocks shared by the architectures: norm, rotary embedding, KV cache,
+"""Building blocks shared by the architectures: norm, rotary embedding, cache rows,
 attention and feed-forward. Weight names follow GGUF (``attn_q``, ``ffn_gate``, ...)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Yarn
+from .kv_cache import KVCache
 from .linear import RowLocal, is_decode, rowwise
 
 
@@ -109,42 +110,6 @@ class Rows:
         self.lengths: list[int] | None = None  # batched decode: each sequence's own key count
 
 
-class KVCache(nn.Module):
-    """Static per-layer cache [slots, H_kv, S_max, D]; index on the third axis = token position."""
-
-    def __init__(self, batch: int, n_head_kv: int, max_seq: int, head_dim: int, dtype: torch.dtype, device) -> None:
-        super().__init__()
-        shape = (batch, n_head_kv, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
-               rows: Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, H_kv, T, D] at ``pos`` ([T], or [B, T] per sequence) in ``rows`` (default
-        0 .. B-1) and return the first ``kv_len`` positions of those rows."""
-        batch = k.shape[0]
-        if rows is None and pos.dim() == 1:
-            self.k[:batch].index_copy_(2, pos, k.to(self.k.dtype))
-            self.v[:batch].index_copy_(2, pos, v.to(self.v.dtype))
-            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
-        index = rows.index if rows is not None else torch.arange(batch, device=k.device)
-        p = pos if pos.dim() == 2 else pos.unsqueeze(0).expand(batch, -1)
-        self.k[index.unsqueeze(1), :, p] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, H, D] at (row, pos)
-        self.v[index.unsqueeze(1), :, p] = v.transpose(1, 2).to(self.v.dtype)
-        start = 0 if rows is None else rows.start
-        if start is not None:
-            return self.k[start : start + batch, :, :kv_len], self.v[start : start + batch, :, :kv_len]
-        return self.k[index, :, :kv_len], self.v[index, :, :kv_len]
-
-    def move(self, row: int, src: int, dst: int, n: int, rotary: "Rotary") -> None:
-        """Move ``n`` cached positions of ``row`` from ``src`` to ``dst``, re-rotating the keys."""
-        if n <= 0 or src == dst:
-            return
-        k = self.k[row, :, src : src + n].clone()
-        self.k[row, :, dst : dst + n] = rotary.shift(k.float(), dst - src).to(self.k.dtype)
-        self.v[row, :, dst : dst + n] = self.v[row, :, src : src + n].clone()
-
-
 def attention_mask(pos: torch.Tensor, kv_len: int, window: int = 0) -> torch.Tensor | None:
     """Boolean mask: key s is visible to the query at p when s ≤ p (and p - s < window).
 
@@ -201,13 +166,14 @@ class Attention(nn.Module):
         k = self.rotary(k, pos).transpose(1, 2)
         v = v.transpose(1, 2)
         k_all, v_all = cache.update(pos, k, v, kv_len, rows)
+        q = cache.rotate_q(q)  # as the cached keys are (a quantised cache's Hadamard rotation)
         if isinstance(mask, list):  # batched decode: each sequence attends over its own keys, as it would alone
             assert rows is not None and rows.lengths is not None
             out = torch.cat([self._sdpa(q[b : b + 1], k_all[b : b + 1, :, :n], v_all[b : b + 1, :, :n], mask[b])
                              for b, n in enumerate(rows.lengths)])
         else:
             out = self._sdpa(q, k_all, v_all, mask)
-        out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_head * self.head_dim)
+        out = cache.unrotate_out(out).transpose(1, 2).reshape(bsz, seqlen, self.n_head * self.head_dim)
         return self.attn_output(out)
 
 

@@ -141,6 +141,14 @@ class Engine:
             return {"decode_steps": self.sched.decode_steps, "peak_batch": self.sched.peak_batch,
                     "batch_invariant": self.lm.model.batch_invariant}
 
+    def cache_stats(self) -> dict:
+        """The KV cache's types and size (``/props``)."""
+        model = self.lm.model
+        per_token = model.kv_bytes_per_token()
+        k, v = model.cache_types
+        return {"type_k": k, "type_v": v, "bytes_per_token": per_token, "slots": self.config.slots,
+                "bytes_total": per_token * self.lm.context * self.config.slots}
+
     def slot_info(self) -> list[dict]:
         with self._cond:
             return self.sched.slot_info()

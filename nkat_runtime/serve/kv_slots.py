@@ -73,7 +73,7 @@ def plan_reuse(cached: Sequence[int], prompt: Sequence[int], min_chunk: int, lim
 @dataclass
 class CachedPrompt:
     tokens: list[int]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V) [H_kv, n, D]
+    kv: list[tuple[torch.Tensor, ...]]  # per layer, the cache's planes (K then V) [H_kv, n, ...]
     nbytes: int
 
 
@@ -89,8 +89,8 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def save(self, tokens: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+    def save(self, tokens: list[int], kv: list[tuple[torch.Tensor, ...]]) -> bool:
+        nbytes = sum(t.numel() * t.element_size() for planes in kv for t in planes)
         if nbytes > self.limit:
             return False
         for key, entry in list(self.entries.items()):  # a saved prefix of this one is superseded

@@ -160,10 +160,10 @@ def test_moved_chunk_keys_are_re_rotated_to_their_new_positions(tiny):
         run(engine, req(sys_ + old + kept, max_tokens=1))
         out = run(engine, req(sys_ + kept + new, max_tokens=1)).choices[0]
         cache0 = tiny.model.layers[0].cache
-        moved = cache0.k[0, :, len(sys_) : len(sys_) + len(kept)].clone()
+        moved = cache0.k.planes[0][0, :, len(sys_) : len(sys_) + len(kept)].clone()
         forget(engine)
         run(engine, req(sys_ + kept + new, max_tokens=1))
-        fresh = cache0.k[0, :, len(sys_) : len(sys_) + len(kept)].clone()
+        fresh = cache0.k.planes[0][0, :, len(sys_) : len(sys_) + len(kept)].clone()
     finally:
         engine.close()
     assert out.cached_tokens == len(sys_) + len(kept)

@@ -34,7 +34,8 @@ THINK = 'root ::= "<think>" [a-z]{1,12} "</think>" [a-z]{1,12}'
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tools-server")
     model = write_tiny_model(folder / "tiny.gguf", "llama", context=4096)
-    srv = Server(folder, "--model", str(model), "--parallel", "2", "--reasoning-format", "deepseek")
+    srv = Server(folder, "--model", str(model), "--parallel", "2", "--reasoning-format", "deepseek",
+                 "-ctk", "bf16", "-ctv", "f16")  # and a 16-bit KV cache (the tools don't care)
     yield srv
     srv.stop()
 
@@ -149,3 +150,10 @@ def test_bad_tool_requests_are_400(server, body, field):
     assert r.status == 400, r.body
     err = r.json()["error"]
     assert err["param"] == field, err
+
+
+def test_props_report_the_kv_cache(server):
+    cache = server.get("/props").json()["nkat"]["kv_cache"]
+    assert (cache["type_k"], cache["type_v"], cache["slots"]) == ("bf16", "f16", 2)
+    assert cache["bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # layers × (K, V) × heads × head size × 2 bytes
+    assert cache["bytes_total"] == cache["bytes_per_token"] * 4096 * 2
