@@ -6,7 +6,7 @@ For each type (``f32``, ``bf16``, ``f16``, ``q8_0`` for keys and values alike): 
 the context, the prefill of ``--depth`` tokens (tok/s), then ``--gen`` greedy decode steps with
 those ``--depth`` tokens in the cache (median step, as tok/s), medians over ``--reps``. Then
 ``llama-bench -d DEPTH -p 0 -n GEN -ctk T -ctv T -fa on`` for the same types (llama.cpp needs flash
-attention for a quantised V cache), and the ratio ours / llama.cpp per type. Prints a table and
+attention for a quantised V cache; it offers no f32 cache), and the ratio ours / llama.cpp per type. Prints a table and
 a JSON line.
 """
 
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import find_llama, run_child  # noqa: E402  (the same child-process timing as speed.py)
 
 TYPES = ("f32", "bf16", "f16", "q8_0")
+LLAMA_BENCH_TYPES = ("bf16", "f16", "q8_0")  # llama-bench takes no f32 cache
 
 
 def ours(path: Path, kind: str, args: argparse.Namespace) -> dict:
@@ -71,12 +72,13 @@ def main() -> int:
     rows = {}
     for kind in args.types.split(","):
         row = {"ours": ours(path, kind, args)}
-        if bin_dir is not None:
+        if bin_dir is not None and kind in LLAMA_BENCH_TYPES:
             row["llama_cpp"] = llama(path, bin_dir, kind, args)
             row["decode_ratio"] = row["ours"]["decode_tok_s"] / row["llama_cpp"]["decode_tok_s"]
         rows[kind] = row
         o = row["ours"]
-        theirs = f", llama.cpp {row['llama_cpp']['decode_tok_s']:.2f} tok/s ({row['decode_ratio']:.2f})" if bin_dir else ""
+        theirs = (f", llama.cpp {row['llama_cpp']['decode_tok_s']:.2f} tok/s ({row['decode_ratio']:.2f})"
+                  if "llama_cpp" in row else "")
         print(f"{kind:5} cache {o['cache_mib']:7.1f} MiB  prefill {o['prefill_tok_s']:7.1f} tok/s  "
               f"decode at depth {args.depth}: {o['decode_tok_s']:6.2f} tok/s{theirs}", flush=True)
     print(json.dumps({"model": path.name, "threads": args.threads, "depth": args.depth, "gen": args.gen,
