@@ -13,7 +13,7 @@ from typing import Any
 from nkat_runtime.errors import InvalidRequestError, RequestNotSupportedError
 from nkat_runtime.request import ChatOptions, Choice, GenerationOutcome, GenerationRequest, TokenLogprob
 from nkat_runtime.sampling.params import GrammarSpec
-from nkat_runtime.text.chat_output import REASONING_FORMATS, Delta, ParsedMessage
+from nkat_runtime.text.chat_output import Delta, ParsedMessage, reasoning_format
 from nkat_runtime.text.tool_syntax import check_tools
 
 from .fields import Fields
@@ -179,10 +179,10 @@ def read_chat_options(f: Fields) -> ChatOptions:
         opts.parallel_tool_calls = f.boolean("parallel_tool_calls")
     fmt = f.string("reasoning_format")
     if fmt:
-        if fmt not in REASONING_FORMATS:
-            raise InvalidRequestError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}",
-                                      "reasoning_format")
-        opts.reasoning_format = "deepseek" if fmt == "auto" else fmt
+        try:
+            opts.reasoning_format = reasoning_format(fmt)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), "reasoning_format") from None
     kwargs = f.raw("chat_template_kwargs")
     if kwargs is not None and kwargs[1] is not None:
         if not isinstance(kwargs[1], dict) or not all(isinstance(k, str) for k in kwargs[1]):
@@ -316,7 +316,7 @@ class ChunkMaker:
                                  "logprobs": None}])
         return self._chunk([{"index": index, "text": text, "finish_reason": None, "logprobs": None}])
 
-    def delta(self, index: int, delta: Delta, call_index: int) -> list[dict[str, Any]]:
+    def delta(self, index: int, delta: Delta) -> list[dict[str, Any]]:
         """Chat chunks for one piece of a split reply: content, reasoning, or a whole tool call
         (its id and name, then its arguments: what the ``openai`` client assembles)."""
         def chunk(d: dict[str, Any]) -> dict[str, Any]:
@@ -329,9 +329,9 @@ class ChunkMaker:
             out.append(chunk({"content": delta.content}))
         if delta.call is not None:
             c = delta.call
-            out.append(chunk({"tool_calls": [{"index": call_index, "id": c.id, "type": "function",
+            out.append(chunk({"tool_calls": [{"index": delta.call_index, "id": c.id, "type": "function",
                                               "function": {"name": c.name, "arguments": ""}}]}))
-            out.append(chunk({"tool_calls": [{"index": call_index, "function": {"arguments": c.arguments}}]}))
+            out.append(chunk({"tool_calls": [{"index": delta.call_index, "function": {"arguments": c.arguments}}]}))
         return out
 
     def end(self, choice: Choice, echo: bool = False, called: bool = False) -> dict[str, Any]:

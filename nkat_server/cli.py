@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from nkat_runtime.cache_types import CACHE_TYPES
 from nkat_runtime.cli import common
-from nkat_runtime.text.chat_output import REASONING_FORMATS
+from nkat_runtime.text.chat_output import REASONING_FORMATS, reasoning_format
 
 log = logging.getLogger("nkat_server")
 
@@ -128,15 +128,22 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"{key} must be one of {', '.join(CACHE_TYPES)}")
     if getattr(args, "quantkv", None) not in (None, 0, 1):
         raise ValueError("quantkv must be 0 (f16) or 1 (q8_0)")
-    if args.reasoning_format not in REASONING_FORMATS:
-        raise ValueError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}")
+    args.chat_defaults = chat_defaults(args)
+    return args
+
+
+def chat_defaults(args: argparse.Namespace) -> Any:
+    """``--reasoning-format`` and ``--chat-template-kwargs``, checked, as the preparer's defaults."""
+    from nkat_runtime.request import ChatOptions
+
+    fmt = reasoning_format(args.reasoning_format)  # a ValueError names the allowed values
     try:
         kwargs = json.loads(args.chat_template_kwargs)
     except ValueError as exc:
         raise ValueError(f"--chat-template-kwargs is not JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise ValueError("--chat-template-kwargs must be a JSON object")
-    return args
+    return ChatOptions(reasoning_format=fmt, template_kwargs=kwargs)
 
 
 def is_loopback(host: str) -> bool:
@@ -190,7 +197,6 @@ async def serve(app: Any, host: str, port: int, banner: str) -> None:
 
 def build_state(args: argparse.Namespace):
     """Load the model and wrap it in an engine and the server state (no socket yet)."""
-    from nkat_runtime.request import ChatOptions
     from nkat_runtime.serve.engine import Engine
     from nkat_runtime.serve.scheduler import SchedulerConfig, auto_slots
 
@@ -201,10 +207,8 @@ def build_state(args: argparse.Namespace):
     sched = SchedulerConfig(slots=args.parallel or auto_slots(lm), cache_reuse=args.cache_reuse,
                             context_shift=not args.noshift, n_keep=args.keep,
                             cache_ram_bytes=int(args.cache_ram * 2**20))
-    chat = ChatOptions(reasoning_format="deepseek" if args.reasoning_format == "auto" else args.reasoning_format,
-                       template_kwargs=json.loads(args.chat_template_kwargs))
     engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, config=sched,
-                    chat_defaults=chat)
+                    chat_defaults=args.chat_defaults)
     config = ServerConfig(password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024),
                           body_timeout_seconds=args.body_timeout)
     return lm, ServerState(engine, config, lm.path.stem)

@@ -53,15 +53,17 @@ async def _serve(state: ServerState, request: web.Request, greq: GenerationReque
     maker = openai.ChunkMaker(handle.id, int(time.time()), state.model_id, chat, opts.include_usage)
     prompt_texts = [p.text for p in handle.prepared.prompts]
 
-    parsers: dict[int, OutputParser] = {}
-    calls: dict[int, int] = {}  # tool calls streamed per choice
+    parsers: dict[int, OutputParser] = {}  # one per chat choice: its reply split as it streams
+
+    def parser(index: int) -> OutputParser:
+        if index not in parsers:
+            parsers[index] = OutputParser(fmt)
+        return parsers[index]
 
     async def send(index: int, deltas: list[Delta]) -> None:
         for d in deltas:
-            for chunk in maker.delta(index, d, calls.get(index, 0)):
+            for chunk in maker.delta(index, d):
                 await writer.data(chunk)
-            if d.call is not None:
-                calls[index] = calls.get(index, 0) + 1
 
     async def body() -> AsyncIterator[None]:
         await writer.open()
@@ -81,14 +83,14 @@ async def _serve(state: ServerState, request: web.Request, greq: GenerationReque
             if event.kind == "text":
                 await start(event.index)
                 if event.text and chat:
-                    await send(event.index, parsers.setdefault(event.index, OutputParser(fmt)).feed(event.text))
+                    await send(event.index, parser(event.index).feed(event.text))
                 elif event.text:
                     await writer.data(maker.text(event.index, event.text))
             elif event.kind == "choice" and event.choice is not None:
                 await start(event.index)
                 if chat:
-                    await send(event.index, parsers.setdefault(event.index, OutputParser(fmt)).finish())
-                await writer.data(maker.end(event.choice, greq.echo, called=calls.get(event.index, 0) > 0))
+                    await send(event.index, parser(event.index).finish())
+                await writer.data(maker.end(event.choice, greq.echo, called=chat and parser(event.index).calls > 0))
             elif event.kind == "done" and event.outcome is not None:
                 for choice in event.outcome.choices:  # choices that never ran (aborted in the queue)
                     if choice.index not in started:

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..cache_types import DEFAULT_CACHE_TYPE
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import Attention, FeedForward, RMSNorm, Rotary, Rows, attention_mask
@@ -154,7 +155,7 @@ class DecoderModel(nn.Module):
     def setup_caches(self, max_batch: int, max_seq: int, cache_types: tuple[str, str] | None = None) -> None:
         """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens;
         ``cache_types`` (keys, values: ``f32``, ``f16``, ``bf16``, ``q8_0``) default to the last ones."""
-        self.cache_types = cache_types or getattr(self, "cache_types", ("f32", "f32"))
+        self.cache_types = cache_types or getattr(self, "cache_types", (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE))
         cfg = self.config
         device = self.output_norm.weight.device
         factors = self.rope_freqs

@@ -140,11 +140,8 @@ class KVCache:
                     p = pos if pos.dim() == 2 else pos.unsqueeze(0).expand(batch, -1)
                     plane[index.unsqueeze(1), :, p] = value.transpose(1, 2)  # [B, T, H, ...] at (row, pos)
         start = 0 if rows is None else rows.start
-        if start is not None:
-            pick = slice(start, start + batch)
-            return tuple(s.decode(tuple(p[pick, :, :kv_len] for p in s.planes)) for s in (self.k, self.v))  # type: ignore[return-value]
-        index = rows.index  # type: ignore[union-attr]
-        return tuple(s.decode(tuple(p[index, :, :kv_len] for p in s.planes)) for s in (self.k, self.v))  # type: ignore[return-value]
+        pick = slice(start, start + batch) if start is not None else rows.index  # type: ignore[union-attr]
+        return tuple(s.decode(tuple(p[pick, :, :kv_len] for p in s.planes)) for s in (self.k, self.v))  # type: ignore[return-value]
 
     def move(self, row: int, src: int, dst: int, n: int, rotary: "Rotary") -> None:
         """Move ``n`` cached positions of ``row`` from ``src`` to ``dst``, re-rotating the keys."""

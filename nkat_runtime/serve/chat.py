@@ -39,8 +39,9 @@ def chat_prompt(lm: LoadedModel, req: GenerationRequest, defaults: ChatOptions |
     text = render_messages(lm.render_chat, req.messages, syntax, tools, extra)
     think = reasoning_tags(template)
     output = OutputFormat(tools=syntax if tools else None,
-                          tool_names=frozenset(t["function"]["name"] for t in tools or ()), reasoning=opts.reasoning_format or defaults.reasoning_format or "none",
-                          think=think, thinking_open=opens_reasoning(text, think))
+                          reasoning=opts.reasoning_format or defaults.reasoning_format or "none",
+                          think=think, thinking_open=opens_reasoning(text, think),
+                          tool_names=frozenset(t["function"]["name"] for t in tools or ()))
     grammar = None
     if tools and opts.tool_choice in ("required", "function"):
         chosen = tools

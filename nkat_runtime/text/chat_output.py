@@ -22,6 +22,13 @@ from .tool_syntax import ToolSyntax, new_call_id
 
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1 may open a call with it
 REASONING_FORMATS = ("none", "deepseek", "deepseek-legacy", "auto")  # auto = deepseek (llama.cpp)
+
+
+def reasoning_format(name: str) -> str:
+    """A ``--reasoning-format`` / ``reasoning_format`` value as the parser reads it (``auto`` → ``deepseek``)."""
+    if name not in REASONING_FORMATS:
+        raise ValueError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}")
+    return "deepseek" if name == "auto" else name
 REASONING_TAGS = (("<think>", "</think>"), ("[THINK]", "[/THINK]"), ("<|START_THINKING|>", "<|END_THINKING|>"),
                   ("<seed:think>", "</seed:think>"))
 
@@ -63,6 +70,7 @@ class Delta:
     content: str = ""
     reasoning: str = ""
     call: ToolCall | None = None
+    call_index: int = 0  # the call's place in the reply (0, 1, ...): OpenAI's tool_calls[].index
 
 
 @dataclass
@@ -91,11 +99,12 @@ def _held(text: str, markers: list[str]) -> int:
 class OutputParser:
     def __init__(self, fmt: OutputFormat, make_id: Callable[[ToolSyntax], str] = new_call_id) -> None:
         self.fmt, self.make_id = fmt, make_id
-        self.split = fmt.reasoning in ("deepseek", "deepseek-legacy", "auto")
+        self.split = fmt.reasoning in ("deepseek", "deepseek-legacy")
         self.legacy = fmt.reasoning == "deepseek-legacy"
         self.state = ("reasoning" if fmt.thinking_open else "start") if self.split else "content"
         self.buf = ""
         self.seen_content = False  # llama3 calls are the whole reply: only before any content
+        self.calls = 0  # tool calls emitted so far
 
     # --- public ----------------------------------------------------------------------------------
     def feed(self, text: str) -> list[Delta]:
@@ -222,7 +231,7 @@ class OutputParser:
             self.buf = self.buf[used:] if used else ""
             self.state = "content"
             return bool(self.buf)
-        out.extend(Delta(call=c) for c in calls)
+        self._emit_calls(out, calls)
         self.buf, self.state = self.buf[used:], "between-calls"
         return True
 
@@ -244,9 +253,14 @@ class OutputParser:
         if calls is None:
             out.append(self._text(self.buf))
         else:
-            out.extend(Delta(call=c) for c in calls)
+            self._emit_calls(out, calls)
         self.buf, self.state = "", "content"
         return False
+
+    def _emit_calls(self, out: list[Delta], calls: list[ToolCall]) -> None:
+        for c in calls:
+            out.append(Delta(call=c, call_index=self.calls))
+            self.calls += 1
 
     # --- JSON inside a call ----------------------------------------------------------------------
     def _call(self, obj: Any) -> ToolCall | None:

@@ -108,15 +108,15 @@ def generic_tools_prompt(tools: list[dict[str, Any]]) -> str:
             '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
 
 
-def _arguments(call: dict[str, Any]) -> tuple[str, Any]:
-    fn = call.get("function", call) if isinstance(call, dict) else {}
+def _arguments(fn: dict[str, Any]) -> Any:
+    """A past call's arguments as an object (OpenAI sends them as JSON text)."""
     args = fn.get("arguments", {})
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            return json.loads(args)
         except ValueError:
             pass  # left as the client wrote it
-    return str(fn.get("name", "")), args
+    return args
 
 
 def messages_for_template(messages: list[dict[str, Any]], syntax: ToolSyntax,
@@ -124,19 +124,11 @@ def messages_for_template(messages: list[dict[str, Any]], syntax: ToolSyntax,
     """``messages`` as the template needs them. Native: tool-call arguments as objects (how the
     templates print them with ``tojson``). Generic: the tools go into the system message (into the
     first user message when not ``system_role``: Gemma 2's template refuses system turns), past
-    calls into the assistant's text, tool results into a user turn."""
+    calls into the assistant's text, tool results into a user turn. The calls' shape was checked
+    by the adapter (dicts with a ``function`` dict naming the function)."""
     if syntax.native:
-        out = []
-        for m in messages:
-            if m.get("tool_calls"):
-                calls = []
-                for c in m["tool_calls"]:
-                    name, args = _arguments(c)
-                    fn = dict(c.get("function", {}), name=name, arguments=args) if isinstance(c, dict) else {}
-                    calls.append(dict(c, function=fn) if isinstance(c, dict) else c)
-                m = dict(m, tool_calls=calls)
-            out.append(m)
-        return out
+        return [dict(m, tool_calls=[dict(c, function=dict(c["function"], arguments=_arguments(c["function"])))
+                                    for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in messages]
     out = []
     if tools:
         prompt = generic_tools_prompt(tools)
@@ -149,23 +141,24 @@ def messages_for_template(messages: list[dict[str, Any]], syntax: ToolSyntax,
             messages = [dict(messages[0], content=f"{prompt}\n\n{messages[0].get('content', '')}"), *messages[1:]]
         else:
             out.append({"role": "user", "content": prompt})
+    previous = None
     for m in messages:
         if m.get("role") == "tool":
             text = f"<tool_response>\n{m.get('content', '')}\n</tool_response>"
-            if out and out[-1].get("role") == "user" and out[-1].get("_tool"):
+            if previous == "tool":  # results in a row share one user turn
                 out[-1] = dict(out[-1], content=out[-1]["content"] + "\n" + text)
             else:
-                out.append({"role": "user", "content": text, "_tool": True})
+                out.append({"role": "user", "content": text})
         elif m.get("tool_calls"):
             parts = [m.get("content") or ""]
             for c in m["tool_calls"]:
-                name, args = _arguments(c)
-                parts.append("<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
-                             + "\n</tool_call>")
+                call = {"name": c["function"]["name"], "arguments": _arguments(c["function"])}
+                parts.append("<tool_call>\n" + json.dumps(call, ensure_ascii=False) + "\n</tool_call>")
             out.append({"role": m["role"], "content": "\n".join(p for p in parts if p)})
         else:
             out.append({k: v for k, v in m.items() if k != "tool_calls"})
-    return [{k: v for k, v in m.items() if k != "_tool"} for m in out]
+        previous = m.get("role")
+    return out
 
 
 # --- a forced call ------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ def test_call_ids_are_unique_and_mistral_ids_have_nine_characters():
     p = OutputParser(OutputFormat(MISTRAL))
     calls = p.parse('[TOOL_CALLS][{"name": "a", "arguments": {}}, {"name": "a", "arguments": {}}]').calls
     assert len({c.id for c in calls}) == 2 and all(len(c.id) == 9 and c.id.isalnum() for c in calls)
+    deltas = OutputParser(OutputFormat(MISTRAL)).feed('[TOOL_CALLS][{"name": "a", "arguments": {}}, {"name": "b"}]')
+    assert [d.call_index for d in deltas if d.call is not None] == [0, 1]  # OpenAI's tool_calls[].index
     hermes = OutputParser(OutputFormat(HERMES)).parse('<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>')
     assert hermes.calls[0].id.startswith("call_")
 
