@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 5001, "max_queue": 6, "
                             "default_max_tokens": 512, "no_cuda": False, "no_theta": False, "parallel": 0,
                             "cache_reuse": 32, "noshift": False, "keep": -1, "cache_ram": 1024.0,
                             "body_timeout": 60.0, "deterministic": True, "reasoning_format": "none",
-                            "chat_template_kwargs": "{}"}
+                            "chat_template_kwargs": "{}", "kv_pool": "0", "kv_block_size": 32}
 # [server] key -> argparse attribute (the flags' own names, plus KoboldCpp's spellings)
 SERVER_KEYS = {
     "model": "model", "contextsize": "ctx", "ctx": "ctx", "device": "device", "threads": "threads",
@@ -36,6 +36,7 @@ SERVER_KEYS = {
     "cache_ram": "cache_ram", "body_timeout": "body_timeout", "deterministic": "deterministic",
     "reasoning_format": "reasoning_format", "chat_template_kwargs": "chat_template_kwargs",
     "cache_type_k": "cache_type_k", "cache_type_v": "cache_type_v", "quantkv": "quantkv",
+    "kv_pool": "kv_pool", "kv_block_size": "kv_block_size",
 }
 TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "password": (str,), "theta_gamma": (int, float), "no_theta": (bool,),
@@ -44,6 +45,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "cache_reuse": (int,), "noshift": (bool,), "keep": (int,), "cache_ram": (int, float),
     "body_timeout": (int, float), "deterministic": (bool,), "reasoning_format": (str,),
     "chat_template_kwargs": (str,), "cache_type_k": (str,), "cache_type_v": (str,), "quantkv": (int,),
+    "kv_pool": (str, int), "kv_block_size": (int,),
 }
 
 
@@ -80,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens kept at the start on a context shift (default -1 = the BOS token)")
     b.add_argument("--cache-ram", type=float, default=None,
                    help="MiB of RAM for the prompt cache of conversations that left their slot (default 1024; 0 = off)")
+    b.add_argument("--kv-pool", default=None, metavar="N|NMiB|NGiB",
+                   help="size of the KV block pool that all slots share, in tokens or MiB/GiB (default 0 = every "
+                        "slot's full context, at most half the free memory). Memory is used as tokens are cached: "
+                        "a token takes layers x 2 x KV heads x head size x the type's bytes (Qwen2.5-1.5B, bf16: "
+                        "28 x 2 x 2 x 128 x 2 = 28 KiB), and a prompt prefix several requests share is held once")
+    b.add_argument("--kv-block-size", type=int, default=None,
+                   help="tokens per KV block (default 32): the unit of allocation and of prefix sharing")
     c = p.add_argument_group("chat")
     c.add_argument("--reasoning-format", choices=REASONING_FORMATS, default=None,
                    help="where a chat reply's <think>...</think> goes: none = left in the content (default), "
@@ -121,6 +130,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--cache-ram must be >= 0 (MiB)")
     if args.ctx is not None and args.ctx <= 0:
         raise ValueError("--contextsize must be positive")
+    args.kv_pool_size = parse_pool(str(args.kv_pool))
+    if not 1 <= args.kv_block_size <= 4096:
+        raise ValueError("--kv-block-size must be in 1..4096 tokens")
     if args.password == "":
         args.password = None
     for key in ("cache_type_k", "cache_type_v"):
@@ -130,6 +142,27 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("quantkv must be 0 (f16) or 1 (q8_0)")
     args.chat_defaults = chat_defaults(args)
     return args
+
+
+POOL_UNITS = {"": 0, "mib": 2**20, "mb": 2**20, "gib": 2**30, "gb": 2**30}
+
+
+def parse_pool(text: str) -> tuple[float, int]:
+    """``--kv-pool``: (amount, bytes per unit; 0 = the amount is tokens)."""
+    t = text.strip().lower()
+    unit = next((u for u in sorted(POOL_UNITS, key=len, reverse=True) if u and t.endswith(u)), "")
+    try:
+        amount = float(t[: len(t) - len(unit)]) if unit else int(t)
+    except ValueError:
+        raise ValueError(f"--kv-pool must be a token count or a size such as 512MiB or 2GiB, got {text!r}") from None
+    if amount < 0:
+        raise ValueError("--kv-pool must be >= 0")
+    return amount, POOL_UNITS[unit]
+
+
+def pool_tokens(size: tuple[float, int], bytes_per_token: int) -> int:
+    amount, unit = size
+    return int(amount) if unit == 0 else int(amount * unit // bytes_per_token)
 
 
 def chat_defaults(args: argparse.Namespace) -> Any:
@@ -206,7 +239,9 @@ def build_state(args: argparse.Namespace):
                                theta_gamma=args.theta_gamma)
     sched = SchedulerConfig(slots=args.parallel or auto_slots(lm), cache_reuse=args.cache_reuse,
                             context_shift=not args.noshift, n_keep=args.keep,
-                            cache_ram_bytes=int(args.cache_ram * 2**20))
+                            cache_ram_bytes=int(args.cache_ram * 2**20),
+                            pool_tokens=pool_tokens(args.kv_pool_size, lm.model.kv_bytes_per_token()),
+                            block_size=args.kv_block_size)
     engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, config=sched,
                     chat_defaults=args.chat_defaults)
     config = ServerConfig(password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024),
@@ -228,7 +263,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     lm, state = build_state(args)
     banner = (f"model {lm.path.name} ({lm.name}, {lm.config.arch}) on {lm.device}, context {lm.context}, "
               f"{theta_state(lm, args)}, {state.engine.config.slots} slot(s), KV cache "
-              f"{'/'.join(lm.model.cache_types)} ({state.engine.cache_stats()['bytes_total'] / 2**20:.0f} MiB), "
+              f"{'/'.join(lm.model.cache_types)} (a pool of {state.engine.cache_stats()['bytes_total'] / 2**20:.0f} MiB "
+              f"at most, used as tokens are cached), "
               f"context shift {'off' if args.noshift else 'on'}, batch-invariant decode "
               f"{'on' if args.deterministic else 'off'}, auth {'on' if args.password else 'off'}")
     asyncio.run(serve(create_app(state), args.host, args.port, banner))

@@ -6,7 +6,7 @@ Run as a worker (``python gguf_fuzz.py SEED_FILE... --cases N --seed S``): it pr
 per case (``ok``, ``rejected``, ``CRASH <type>: <message>``) and a final ``peak_rss_mb`` line.
 :func:`campaign` runs it in a subprocess with a memory limit and a watchdog, so a hang or a huge
 allocation is caught as such (``tests/model/test_hardening_files.py``: 2,000 cases;
-``tests/slow/test_fuzz_long.py``: 20,000).
+``tests/slow/test_fuzz_long.py``: 10,000).
 """
 
 from __future__ import annotations

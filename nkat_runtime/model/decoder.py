@@ -1,8 +1,10 @@
 """A decoder-only transformer whose quirks come from ``ModelConfig``.
 
 The model sees token ids and positions, never sampling settings or HTTP. Prefill passes
-the whole prompt at once; decode passes one token per sequence. The static KV cache is
-allocated by ``setup_caches``.
+the whole prompt at once; decode passes one token per sequence. The KV cache is a pool of
+blocks (``model/kv_cache.py``) allocated by ``setup_caches``; each sequence of a forward pass
+names its block table, or a cache row: row ``r``'s fixed table, for callers that need no pool
+management (the perplexity tool, tests).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from torch import nn
 
 from ..cache_types import DEFAULT_CACHE_TYPE
 from .config import ModelConfig
-from .kv_cache import KVCache
-from .layers import Attention, FeedForward, RMSNorm, Rotary, Rows, attention_mask
+from .kv_cache import DEFAULT_BLOCK_SIZE, BlockView, KVCache, KVPool
+from .layers import Attention, FeedForward, RMSNorm, Rotary, attention_mask
 from .linear import RowLocal
 from .moe import MoEFeedForward
 
@@ -89,10 +91,10 @@ class Block(nn.Module):
         self.post_ffw_norm = norm("post_ffw_norm") if cfg.post_norms else None
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
-                rows: Rows | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | list | None,
+                view: BlockView) -> torch.Tensor:
         assert self.cache is not None, "call setup_caches() first"
-        h = self.attn(self.attn_norm(x), pos, self.cache, mask, kv_len, rows)
+        h = self.attn(self.attn_norm(x), pos, self.cache, mask, view)
         if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
         x = x + h
@@ -117,6 +119,8 @@ class DecoderModel(nn.Module):
             self.output = w.tied_linear("token_embd")
         self.max_seq = 0
         self.max_batch = 0
+        self.kv: KVPool | None = None
+        self.row_blocks = 0
         self._decode_step = None
 
     def linear_modules(self) -> dict[str, nn.Module]:
@@ -152,9 +156,17 @@ class DecoderModel(nn.Module):
         """Whether every row-local layer computes its rows alone (``set_batch_invariant``)."""
         return all(m.row_local for m in self.modules() if isinstance(m, RowLocal))
 
-    def setup_caches(self, max_batch: int, max_seq: int, cache_types: tuple[str, str] | None = None) -> None:
-        """Allocate the KV caches and rope tables for ``max_batch`` sequences of ``max_seq`` tokens;
-        ``cache_types`` (keys, values: ``f32``, ``f16``, ``bf16``, ``q8_0``) default to the last ones."""
+    def setup_caches(self, max_batch: int, max_seq: int, cache_types: tuple[str, str] | None = None, *,
+                     n_blocks: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, lazy: bool = False) -> None:
+        """Allocate the KV pool and rope tables for sequences of up to ``max_seq`` tokens.
+
+        The pool has ``n_blocks`` blocks of ``block_size`` positions (default: ``max_batch`` rows'
+        worth, row ``r`` owning a fixed run of blocks, :meth:`row_table`, and one block more, which
+        a block manager may need to copy a shared block into). ``cache_types`` (keys,
+        values: ``f32``, ``f16``, ``bf16``, ``q8_0``) default to the last ones. ``lazy``: the pool's
+        memory is not cleared (nor, on a CPU, made resident) until a block is used: the block
+        manager clears each block it hands out.
+        """
         self.cache_types = cache_types or getattr(self, "cache_types", (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE))
         cfg = self.config
         device = self.output_norm.weight.device
@@ -164,35 +176,54 @@ class DecoderModel(nn.Module):
         rope_global = Rotary(cfg.rope_dim, cfg.rope_base, max_seq, cfg.rope_scale, cfg.rope_neox, factors,
                              cfg.yarn, cfg.rope_attn_factor).to(device)
         rope_local = Rotary(cfg.rope_dim, cfg.rope_base_swa, max_seq, 1.0, cfg.rope_neox, factors).to(device)
+        self.row_blocks = -(-max_seq // block_size)
+        self.kv = None  # the old pool goes before the new one is allocated
         for layer in self.layers:
+            layer.cache = None
+        self.kv = KVPool(cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_blocks or max_batch * self.row_blocks + 1,
+                         block_size, device, *self.cache_types, lazy=lazy)
+        for layer, cache in zip(self.layers, self.kv.layers):
             layer.attn.rotary = rope_local if layer.is_swa else rope_global
-            layer.cache = KVCache(max_batch, cfg.n_head_kv, max_seq, cfg.head_dim, device, *self.cache_types)
+            layer.cache = cache
         self.max_seq, self.max_batch = max_seq, max_batch
 
+    def row_table(self, row: int) -> list[int]:
+        """Cache row ``row``'s fixed block table (the default pool's layout)."""
+        first = row * self.row_blocks
+        if first + self.row_blocks > self.kv.n_blocks:
+            raise ValueError(f"cache row {row} is beyond the pool ({self.kv.n_blocks} blocks)")
+        return list(range(first, first + self.row_blocks))
+
+    def _table(self, table: int | list[int]) -> list[int]:
+        return self.row_table(table) if isinstance(table, int) else table
+
     def kv_bytes_per_token(self) -> int:
-        """Bytes one cached token takes in one cache row (every layer, K and V)."""
-        assert all(b.cache is not None for b in self.layers), "call setup_caches() first"
-        return sum(b.cache.bytes_per_position() for b in self.layers)  # type: ignore[union-attr]
+        """Bytes one cached token takes (every layer, K and V)."""
+        assert self.kv is not None, "call setup_caches() first"
+        return self.kv.bytes_per_token()
 
     @torch.inference_mode()
-    def shift_kv(self, row: int, src: int, dst: int, n: int) -> None:
-        """Move ``n`` cached positions of cache row ``row`` from ``src`` to ``dst`` in every layer,
-        re-rotating the keys by ``dst - src`` (context shift, reuse of a moved chunk)."""
+    def shift_kv(self, table: int | list[int], src: int, dst: int, n: int) -> None:
+        """Move ``n`` cached positions of a sequence (its block table, or a cache row) from ``src`` to
+        ``dst`` in every layer, re-rotating the keys by ``dst - src`` (context shift, reuse of a moved chunk)."""
+        table = self._table(table)
         for layer in self.layers:
             assert layer.cache is not None
-            layer.cache.move(row, src, dst, n, layer.attn.rotary)
+            layer.cache.move(table, src, dst, n, layer.attn.rotary)
 
     @torch.inference_mode()
-    def read_kv(self, row: int, n: int) -> list[tuple[torch.Tensor, ...]]:
-        """A copy of the first ``n`` cached positions of ``row``, per layer (its planes, K then V)."""
-        return [b.cache.read(row, n) for b in self.layers]  # type: ignore[union-attr]
+    def read_kv(self, table: int | list[int], n: int) -> list[tuple[torch.Tensor, ...]]:
+        """A copy of the first ``n`` cached positions of a sequence, per layer (its planes, K then V)."""
+        table = self._table(table)
+        return [b.cache.copy_out(table, n) for b in self.layers]  # type: ignore[union-attr]
 
     @torch.inference_mode()
-    def write_kv(self, row: int, kv: list[tuple[torch.Tensor, ...]], n: int) -> None:
-        """Put the first ``n`` positions of a :meth:`read_kv` copy back into ``row``."""
+    def write_kv(self, table: int | list[int], kv: list[tuple[torch.Tensor, ...]], n: int) -> None:
+        """Put the first ``n`` positions of a :meth:`read_kv` copy back at a sequence's table."""
+        table = self._table(table)
         for layer, saved in zip(self.layers, kv):
             assert layer.cache is not None
-            layer.cache.write(row, saved, n)
+            layer.cache.copy_in(table, saved, n)
 
     @torch.inference_mode()
     def forward(
@@ -203,13 +234,14 @@ class DecoderModel(nn.Module):
         last_only: bool = False,
         logits_from: int = 0,
         rows: list[int] | None = None,
+        tables: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] at positions ``input_pos`` [T] (or [B, T], one row per sequence) →
-        float32 logits [B, T', V].
+        float32 logits [B, T'', V].
 
-        ``rows`` names the cache row (slot) of each sequence (default 0 .. B-1). ``last_only``
-        keeps the last position only; ``logits_from`` skips the first positions (the LM head is
-        the largest matmul: perplexity needs only the second half).
+        Each sequence's cache is its block table in ``tables``, or the cache row named in ``rows``
+        (default 0 .. B-1). ``last_only`` keeps the last position only; ``logits_from`` skips the
+        first positions (the LM head is the largest matmul: perplexity needs only the second half).
         """
         if kv_len is None:
             kv_len = int(input_pos.max()) + 1
@@ -219,22 +251,23 @@ class DecoderModel(nn.Module):
         x = self.token_embd(tokens)
         if cfg.embed_scale != 1.0:
             x = x * cfg.embed_scale
-        r = Rows(rows if rows is not None else list(range(tokens.shape[0])), tokens.device) \
-            if rows is not None or input_pos.dim() == 2 else None
+        if tables is None:
+            tables = [self.row_table(r) for r in (rows if rows is not None else range(tokens.shape[0]))]
         if input_pos.dim() == 2 and tokens.shape[0] > 1 and tokens.shape[1] == 1:
             # batched decode: every sequence gets the mask it would get alone (see Attention)
-            assert r is not None
-            r.lengths = [p + 1 for p in input_pos[:, 0].tolist()]
+            lengths = [p + 1 for p in input_pos[:, 0].tolist()]
             mask_global: torch.Tensor | list | None = [attention_mask(input_pos[b : b + 1], n)
-                                                       for b, n in enumerate(r.lengths)]
+                                                       for b, n in enumerate(lengths)]
             mask_local: torch.Tensor | list | None = [attention_mask(input_pos[b : b + 1], n, cfg.sliding_window)
-                                                      for b, n in enumerate(r.lengths)] if any(cfg.swa_layers) else None
+                                                      for b, n in enumerate(lengths)] if any(cfg.swa_layers) else None
         else:
+            lengths = [kv_len] * tokens.shape[0]
             mask_global = attention_mask(input_pos, kv_len)
             mask_local = attention_mask(input_pos, kv_len, cfg.sliding_window) if any(cfg.swa_layers) else None
+        view = BlockView(tables, input_pos, lengths, self.kv.block_size)
         if self._decode_step is not None and tokens.shape[1] == 1:
-            return self._decode_step(x, input_pos, mask_global, mask_local, kv_len, r)
-        x = self._layers(x, input_pos, mask_global, mask_local, kv_len, r)
+            return self._decode_step(x, input_pos, mask_global, mask_local, view)
+        x = self._layers(x, input_pos, mask_global, mask_local, view)
         if last_only:
             x = x[:, -1:]
         elif logits_from:
@@ -247,15 +280,15 @@ class DecoderModel(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def _layers(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | list | None,
-                mask_local: torch.Tensor | list | None, kv_len: int, rows: Rows | None = None) -> torch.Tensor:
+                mask_local: torch.Tensor | list | None, view: BlockView) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, pos, mask_local if layer.is_swa else mask_global, kv_len, rows)
+            x = layer(x, pos, mask_local if layer.is_swa else mask_global, view)
         return x
 
     def _decode(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | list | None,
-                mask_local: torch.Tensor | list | None, kv_len: int, rows: Rows | None = None) -> torch.Tensor:
+                mask_local: torch.Tensor | list | None, view: BlockView) -> torch.Tensor:
         """One decode step after the embedding: what ``compile_decode`` compiles."""
-        x = self._layers(x, pos, mask_global, mask_local, kv_len, rows)
+        x = self._layers(x, pos, mask_global, mask_local, view)
         return self._logits(x)
 
     def compile_decode(self, mode: str | None = None) -> None:

@@ -1,9 +1,18 @@
-"""The per-layer KV cache: [slots, H_kv, positions, head_dim], keys and values each in a type of
-their own (llama.cpp's ``--cache-type-k`` / ``--cache-type-v``).
+"""The KV cache: one pool of fixed-size blocks for every layer, read and written through block
+tables (vLLM's paged layout, on the CPU and, later, CUDA alike).
 
-``f32``, ``f16``, ``bf16``: the vectors rounded to that type. ``q8_0``: ggml's Q8_0 along the
-head dimension, blocks of 32 values as int8 with one float16 scale (``amax / 127``), 34 bytes
-per 32 values; dequantised when attention reads them.
+Each layer's keys (and values) are a plane ``[H_kv, blocks, block_size, head_dim]``: a
+sequence's position ``p`` lives at offset ``p % block_size`` of block ``table[p // block_size]``.
+A sequence whose table is a run of consecutive blocks is read as a view (no copy, as a
+contiguous cache is); any other table is gathered. The pool of all layers is one tensor per
+plane, so copying or clearing a block is one operation. Who owns which block, and which blocks
+several sequences share, is :mod:`nkat_runtime.serve.block_pool`'s business: this module only
+stores and reads.
+
+Types (llama.cpp's ``--cache-type-k`` / ``--cache-type-v``): ``f32``, ``f16``, ``bf16``: the vectors
+rounded to that type. ``q8_0``: ggml's Q8_0 along the head dimension, blocks of 32 values as int8
+with one float16 scale (``amax / 127``), 34 bytes per 32 values; dequantised when attention reads
+them.
 
 A quantised cache holds its vectors turned by a Walsh-Hadamard rotation, as llama.cpp's does
 (``llama-kv-cache.cpp``, for head sizes that are multiples of 64): keys and queries in chunks of
@@ -19,17 +28,19 @@ batch-invariant): a row's entries are written once, when its token is computed.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..cache_types import CACHE_TYPES
 
 if TYPE_CHECKING:
-    from .layers import Rotary, Rows
+    from .layers import Rotary
 
 FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 Q8_BLOCK = 32
+DEFAULT_BLOCK_SIZE = 32  # tokens per block
 
 
 def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,42 +81,136 @@ def rotation_sizes(head_dim: int, k_type: str, v_type: str) -> tuple[int, int]:
     return (k if k_type == "q8_0" else 0), (64 if v_type == "q8_0" else 0)
 
 
-class _Store:
-    """One of K or V: its planes (the values; and the scales for q8_0) and how to fill and read them."""
+@dataclass
+class SeqBlocks:
+    """Where one sequence of a forward pass reads its first ``length`` positions: blocks
+    ``first .. first + count - 1`` when they are consecutive (a view), else ``index``."""
 
-    def __init__(self, kind: str, shape: tuple[int, int, int, int], device: torch.device | str) -> None:
+    length: int
+    first: int | None
+    count: int
+    index: torch.Tensor | None
+
+
+class BlockView:
+    """The block tables of one forward pass, turned once into what every layer needs: the flat
+    slot (``block * block_size + offset``) of each new position, and each sequence's reads."""
+
+    def __init__(self, tables: Sequence[Sequence[int]], pos: torch.Tensor, lengths: Sequence[int],
+                 block_size: int) -> None:
+        dev = pos.device
+        batch = len(tables)
+        p = pos if pos.dim() == 2 else pos.unsqueeze(0).expand(batch, -1)
+        self.block_size = block_size
+        self.write = flat_slots(tables, p, block_size)  # [B * T], sequence-major
+        self.seqs: list[SeqBlocks] = []
+        for table, n in zip(tables, lengths):
+            count = -(-n // block_size)
+            blocks = list(table[:count])
+            if len(blocks) < count:
+                raise ValueError(f"a block table of {len(table)} blocks cannot hold {n} positions")
+            if blocks == list(range(blocks[0], blocks[0] + count)):
+                self.seqs.append(SeqBlocks(n, blocks[0], count, None))
+            else:
+                self.seqs.append(SeqBlocks(n, None, count, torch.tensor(blocks, dtype=torch.long, device=dev)))
+        self.uniform = len(set(lengths)) == 1
+
+
+def flat_slots(tables: Sequence[Sequence[int]], pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The flat slot of each position of ``pos`` [B, T] through its row's table (sequence-major)."""
+    rows = []
+    for table, p in zip(tables, pos):
+        t = torch.tensor(table, dtype=torch.long, device=pos.device)
+        rows.append(t[p // block_size] * block_size + p % block_size)
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=pos.device)
+
+
+class _Store:
+    """One of K or V for all layers: its planes [L, H_kv, blocks, block_size, D] (the values; and
+    the scales for q8_0) and how to fill and read them."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...], device: torch.device | str, lazy: bool) -> None:
         if kind not in CACHE_TYPES:
             raise ValueError(f"cache type {kind!r} is not one of {', '.join(CACHE_TYPES)}")
         self.kind = kind
+        new = torch.empty if lazy else torch.zeros  # lazy: pages are touched when a block is first used
         if kind == "q8_0":
             if shape[-1] % Q8_BLOCK:
                 raise ValueError(f"a q8_0 cache needs a head size that is a multiple of {Q8_BLOCK} (this model: "
                                  f"{shape[-1]}); use f16, bf16 or f32")
-            self.planes = (torch.zeros(shape, dtype=torch.int8, device=device),
-                           torch.zeros(shape[:-1] + (shape[-1] // Q8_BLOCK,), dtype=torch.float16, device=device))
+            self.planes = (new(shape, dtype=torch.int8, device=device),
+                           new(shape[:-1] + (shape[-1] // Q8_BLOCK,), dtype=torch.float16, device=device))
         else:
-            self.planes = (torch.zeros(shape, dtype=FLOAT_TYPES[kind], device=device),)
+            self.planes = (new(shape, dtype=FLOAT_TYPES[kind], device=device),)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return quantize_q8_0(x) if self.kind == "q8_0" else (x.to(self.planes[0].dtype),)
 
-    def decode(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Values from slices of the planes (a float cache gives its own slice, no copy)."""
+    def decode(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Values from parts of the planes (a float cache gives its own part, no copy)."""
         return dequantize_q8_0(*parts) if self.kind == "q8_0" else parts[0]
 
     def bytes_per_position(self) -> int:
-        """Bytes of one position of one row (all heads)."""
-        return sum(p[0, :, 0].numel() * p.element_size() for p in self.planes)
+        """Bytes of one position of one layer (all heads)."""
+        return sum(p[0, :, 0, 0].numel() * p.element_size() for p in self.planes)
+
+
+class KVPool:
+    """The block pool of every layer: ``n_blocks`` blocks of ``block_size`` positions."""
+
+    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, n_blocks: int, block_size: int,
+                 device: torch.device | str, k_type: str = "f32", v_type: str = "f32", lazy: bool = False) -> None:
+        if n_blocks < 1 or block_size < 1:
+            raise ValueError("the KV pool needs at least one block of at least one position")
+        shape = (n_layer, n_head_kv, n_blocks, block_size, head_dim)
+        self.k, self.v = _Store(k_type, shape, device, lazy), _Store(v_type, shape, device, lazy)
+        self.n_blocks, self.block_size = n_blocks, block_size
+        self.k_rot, self.v_rot = rotation_sizes(head_dim, k_type, v_type)
+        self.layers = [KVCache(self, i) for i in range(n_layer)]
+
+    @property
+    def types(self) -> tuple[str, str]:
+        return self.k.kind, self.v.kind
+
+    def _planes(self) -> tuple[torch.Tensor, ...]:
+        return (*self.k.planes, *self.v.planes)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one cached position takes in every layer, K and V."""
+        return len(self.layers) * (self.k.bytes_per_position() + self.v.bytes_per_position())
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for p in self._planes():
+            p[:, :, dst] = p[:, :, src]
+
+    def zero_block(self, block: int) -> None:
+        for p in self._planes():
+            p[:, :, block].zero_()
 
 
 class KVCache:
-    """Static per-layer cache; index on the third axis = token position."""
+    """One layer's view of the pool."""
 
-    def __init__(self, batch: int, n_head_kv: int, max_seq: int, head_dim: int, device: torch.device | str,
-                 k_type: str = "f32", v_type: str = "f32") -> None:
-        shape = (batch, n_head_kv, max_seq, head_dim)
-        self.k, self.v = _Store(k_type, shape, device), _Store(v_type, shape, device)
-        self.k_rot, self.v_rot = rotation_sizes(head_dim, k_type, v_type)
+    def __init__(self, pool: KVPool, layer: int) -> None:
+        self.pool, self.layer = pool, layer
+        self.k_rot, self.v_rot = pool.k_rot, pool.v_rot
+
+    @property
+    def types(self) -> tuple[str, str]:
+        return self.pool.types
+
+    @property
+    def k(self) -> _Store:
+        return self.pool.k
+
+    @property
+    def v(self) -> _Store:
+        return self.pool.v
+
+    def _flat(self, plane: torch.Tensor) -> torch.Tensor:
+        """This layer's part of a plane as [H_kv, blocks * block_size, ...]."""
+        p = plane[self.layer]
+        return p.view(p.shape[0], -1, *p.shape[3:])
 
     def rotate_q(self, q: torch.Tensor) -> torch.Tensor:
         """Queries turned as the cached keys are (unchanged when they are not)."""
@@ -115,54 +220,69 @@ class KVCache:
         """Attention's output turned back from the cached values' rotation."""
         return hadamard(out, self.v_rot).to(out.dtype) if self.v_rot else out
 
-    @property
-    def types(self) -> tuple[str, str]:
-        return self.k.kind, self.v.kind
-
-    def bytes_per_position(self) -> int:
-        return self.k.bytes_per_position() + self.v.bytes_per_position()
-
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
-               rows: "Rows | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, H_kv, T, D] at ``pos`` ([T], or [B, T] per sequence) in ``rows`` (default
-        0 .. B-1) and return the first ``kv_len`` positions of those rows."""
-        batch = k.shape[0]
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [B, H_kv, T, D] at the flat ``slots`` [B * T] (sequence-major)."""
         if self.k_rot:
             k = hadamard(k, self.k_rot)
         if self.v_rot:
             v = hadamard(v, self.v_rot)
         for store, x in ((self.k, k), (self.v, v)):
+            x = x.transpose(0, 1).flatten(1, 2)  # [H, B * T, D]
             for plane, value in zip(store.planes, store.encode(x)):
-                if rows is None and pos.dim() == 1:
-                    plane[:batch].index_copy_(2, pos, value)
-                else:
-                    index = rows.index if rows is not None else torch.arange(batch, device=k.device)
-                    p = pos if pos.dim() == 2 else pos.unsqueeze(0).expand(batch, -1)
-                    plane[index.unsqueeze(1), :, p] = value.transpose(1, 2)  # [B, T, H, ...] at (row, pos)
-        start = 0 if rows is None else rows.start
-        pick = slice(start, start + batch) if start is not None else rows.index  # type: ignore[union-attr]
-        return tuple(s.decode(tuple(p[pick, :, :kv_len] for p in s.planes)) for s in (self.k, self.v))  # type: ignore[return-value]
+                self._flat(plane).index_copy_(1, slots, value)
 
-    def move(self, row: int, src: int, dst: int, n: int, rotary: "Rotary") -> None:
-        """Move ``n`` cached positions of ``row`` from ``src`` to ``dst``, re-rotating the keys."""
+    def read(self, seq: SeqBlocks) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's first ``seq.length`` keys and values [1, H_kv, n, D], decoded."""
+        out = []
+        for store in (self.k, self.v):
+            parts = []
+            for plane in store.planes:
+                p = plane[self.layer]
+                got = p[:, seq.first : seq.first + seq.count] if seq.index is None else p.index_select(1, seq.index)
+                parts.append(got.reshape(p.shape[0], -1, *p.shape[3:])[:, : seq.length].unsqueeze(0))
+            out.append(store.decode(parts))
+        return out[0], out[1]
+
+    def update(self, view: BlockView, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Write the new k/v and return every sequence's keys and values (see :meth:`read`)."""
+        self.write(view.write, k, v)
+        return [self.read(s) for s in view.seqs]
+
+    # --- positions by table: moves and copies ---------------------------------------------------
+    def positions(self, store: _Store, table: Sequence[int], start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """Copies of ``store``'s planes at positions ``start .. stop-1`` of ``table`` ([H_kv, n, ...])."""
+        slots = _slots(table, start, stop, self.pool.block_size, store.planes[0].device)
+        return tuple(self._flat(p).index_select(1, slots) for p in store.planes)
+
+    def _put(self, store: _Store, table: Sequence[int], start: int, parts: Sequence[torch.Tensor]) -> None:
+        slots = _slots(table, start, start + parts[0].shape[1], self.pool.block_size, parts[0].device)
+        for plane, part in zip(store.planes, parts):
+            self._flat(plane).index_copy_(1, slots, part)
+
+    def move(self, table: Sequence[int], src: int, dst: int, n: int, rotary: "Rotary") -> None:
+        """Move ``n`` positions of ``table`` from ``src`` to ``dst``, re-rotating the keys."""
         if n <= 0 or src == dst:
             return
-        keys = self.k.decode(tuple(p[row, :, src : src + n].clone() for p in self.k.planes)).float()
+        keys = self.k.decode(self.positions(self.k, table, src, src + n)).float()
         if self.k_rot:  # RoPE acts on the keys as they were: turn back, shift, turn again
             keys = hadamard(keys, self.k_rot)
         moved = rotary.shift(keys, dst - src)
         if self.k_rot:
             moved = hadamard(moved, self.k_rot)
-        for plane, value in zip(self.k.planes, self.k.encode(moved)):
-            plane[row, :, dst : dst + n] = value
-        for plane in self.v.planes:
-            plane[row, :, dst : dst + n] = plane[row, :, src : src + n].clone()
+        self._put(self.k, table, dst, self.k.encode(moved))
+        self._put(self.v, table, dst, self.positions(self.v, table, src, src + n))
 
-    def read(self, row: int, n: int) -> tuple[torch.Tensor, ...]:
-        """A copy of the first ``n`` positions of ``row`` (every plane, K then V)."""
-        return tuple(p[row, :, :n].clone() for p in (*self.k.planes, *self.v.planes))
+    def copy_out(self, table: Sequence[int], n: int) -> tuple[torch.Tensor, ...]:
+        """A copy of the first ``n`` positions of ``table`` (every plane, K then V)."""
+        return (*self.positions(self.k, table, 0, n), *self.positions(self.v, table, 0, n))
 
-    def write(self, row: int, saved: tuple[torch.Tensor, ...], n: int) -> None:
-        """Put the first ``n`` positions of a :meth:`read` copy back into ``row``."""
-        for plane, part in zip((*self.k.planes, *self.v.planes), saved):
-            plane[row, :, :n] = part[:, :n]
+    def copy_in(self, table: Sequence[int], saved: Sequence[torch.Tensor], n: int) -> None:
+        """Put the first ``n`` positions of a :meth:`copy_out` copy back at ``table``."""
+        nk = len(self.k.planes)
+        self._put(self.k, table, 0, [p[:, :n] for p in saved[:nk]])
+        self._put(self.v, table, 0, [p[:, :n] for p in saved[nk:]])
+
+
+def _slots(table: Sequence[int], start: int, stop: int, block_size: int, device) -> torch.Tensor:
+    p = torch.arange(start, stop, device=device)
+    return torch.tensor(list(table), dtype=torch.long, device=device)[p // block_size] * block_size + p % block_size

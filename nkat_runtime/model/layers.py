@@ -1,4 +1,4 @@
-"""Building blocks shared by the architectures: norm, rotary embedding, cache rows,
+"""Building blocks shared by the architectures: norm, rotary embedding,
 attention and feed-forward. Weight names follow GGUF (``attn_q``, ``ffn_gate``, ...)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Yarn
-from .kv_cache import KVCache
+from .kv_cache import BlockView, KVCache
 from .linear import RowLocal, is_decode, rowwise
 
 
@@ -97,19 +97,6 @@ def yarn_frequencies(inv_freq: torch.Tensor, rot_dim: int, base: float, y: Yarn)
     return mixed, magnitude
 
 
-class Rows:
-    """Which cache rows (slots) a batch's sequences use: row ``index[b]`` for sequence ``b``.
-
-    ``start`` is set when the rows are consecutive (``start .. start + B - 1``): the cache is then
-    read as a view; scattered rows are gathered (a copy).
-    """
-
-    def __init__(self, rows: list[int], device) -> None:
-        self.index = torch.tensor(rows, dtype=torch.long, device=device)
-        self.start = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
-        self.lengths: list[int] | None = None  # batched decode: each sequence's own key count
-
-
 def attention_mask(pos: torch.Tensor, kv_len: int, window: int = 0) -> torch.Tensor | None:
     """Boolean mask: key s is visible to the query at p when s ≤ p (and p - s < window).
 
@@ -150,10 +137,8 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.attn_q_norm, self.attn_k_norm = q_norm, k_norm
 
-    def forward(
-        self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor | list | None, kv_len: int,
-        rows: Rows | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor | list | None,
+                view: BlockView) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.attn_q(x).view(bsz, seqlen, self.n_head, self.head_dim)
         k = self.attn_k(x).view(bsz, seqlen, self.n_head_kv, self.head_dim)
@@ -165,17 +150,16 @@ class Attention(nn.Module):
         q = self.rotary(q, pos).transpose(1, 2)
         k = self.rotary(k, pos).transpose(1, 2)
         v = v.transpose(1, 2)
-        k_all, v_all = cache.update(pos, k, v, kv_len, rows)
+        kv = cache.update(view, k, v)  # each sequence's keys and values, through its block table
         q = cache.rotate_q(q)  # as the cached keys are (a quantised cache's Hadamard rotation)
         if isinstance(mask, list):  # batched decode: each sequence attends over its own keys, as it would alone
-            assert rows is not None and rows.lengths is not None
-            out = torch.cat([self._sdpa(q[b : b + 1], k_all[b : b + 1, :, :n], v_all[b : b + 1, :, :n], mask[b])
-                             for b, n in enumerate(rows.lengths)])
-        else:
-            out = self._sdpa(q, k_all, v_all, mask)
+            out = torch.cat([self._sdpa(q[b : b + 1], k_b, v_b, mask[b]) for b, (k_b, v_b) in enumerate(kv)])
+        elif len(kv) == 1:
+            out = self._sdpa(q, *kv[0], mask)
+        else:  # sequences of one length (a batched prefill)
+            out = self._sdpa(q, torch.cat([k_b for k_b, _ in kv]), torch.cat([v_b for _, v_b in kv]), mask)
         out = cache.unrotate_out(out).transpose(1, 2).reshape(bsz, seqlen, self.n_head * self.head_dim)
         return self.attn_output(out)
-
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.softcap > 0:

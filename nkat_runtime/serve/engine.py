@@ -142,12 +142,14 @@ class Engine:
                     "batch_invariant": self.lm.model.batch_invariant}
 
     def cache_stats(self) -> dict:
-        """The KV cache's types and size (``/props``)."""
+        """The KV cache's types, its pool of blocks and their use (``/props``)."""
         model = self.lm.model
         per_token = model.kv_bytes_per_token()
         k, v = model.cache_types
+        with self._cond:
+            pool = self.sched.pool_info()
         return {"type_k": k, "type_v": v, "bytes_per_token": per_token, "slots": self.config.slots,
-                "bytes_total": per_token * self.lm.context * self.config.slots}
+                "bytes_total": per_token * pool["block_size"] * pool["blocks_total"], **pool}
 
     def slot_info(self) -> list[dict]:
         with self._cond:

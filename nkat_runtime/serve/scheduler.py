@@ -3,11 +3,18 @@ generation driver: the server's engine runs it with ``--parallel`` slots in its 
 CLIs and tests with one slot in the calling thread (:mod:`.driver`).
 
 Each step the scheduler (1) gives free slots to waiting sequences, reusing the best cached
-prefix (a slot's own, or one from the RAM prompt cache), (2) runs prefill chunks of newcomers,
-about one chunk's worth of tokens in all (between two decode steps of the others, so their
-streams keep flowing), and (3) runs one
-decode step for every decoding sequence together: tokens [B, 1] at per-sequence positions in
-per-sequence cache rows. Sequences join and leave between steps.
+prefix (a slot's own, blocks another sequence registered, or one from the RAM prompt cache:
+``kv_slots.py``), (2) runs prefill chunks of newcomers, about one chunk's worth of tokens in all
+(between two decode steps of the others, so their streams keep flowing), and (3) runs one
+decode step for every decoding sequence together: tokens [B, 1] at per-sequence positions,
+each through its own block table. Sequences join and leave between steps.
+
+The KV cache is one pool of blocks (``block_pool.py``, ``--kv-pool``). A newcomer is admitted
+when the pool can hold its prompt; a prompt that begins like one being computed now waits for
+those blocks and shares them instead of computing them again (eight users of one character
+card). When a growing sequence finds the pool empty, idle slots give their blocks back first;
+then the newest running sequence is preempted: its blocks go back and it waits at the head of
+the queue to be recomputed (vLLM's recompute preemption), its text so far kept.
 
 A sequence that reaches the end of its slot's context drops the oldest tokens after the first
 ``n_keep`` and goes on (context shift), unless shifting is off: then it ends with "length".
@@ -28,18 +35,20 @@ from typing import Callable
 import torch
 
 from ..loader import LoadedModel
-from .kv_slots import PromptCache, ReusePlan, Slot, plan_reuse
-from .sequence import Feed, SequenceRun
+from ..model.kv_cache import DEFAULT_BLOCK_SIZE
+from .block_pool import BlockPool
+from .kv_slots import Slot, SlotCache
+from .sequence import Feed, SequenceRun, common_prefix
 
 log = logging.getLogger(__name__)
 
-SAVE_MIN_TOKENS = 32  # slots holding fewer tokens are not worth a RAM copy
 PREFILL_CHUNK = 256  # prompt tokens per forward pass (abort is checked between chunks)
 LOGPROBS_CHUNK = 64  # ... when every position's logits are kept
 
 
 AUTO_SLOTS_MAX = 4
 AUTO_MEMORY_SHARE = 0.25  # of the free memory, for the KV cache of automatically sized slots
+AUTO_POOL_SHARE = 0.5  # of the free memory, at most, for the default pool
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -64,6 +73,19 @@ def auto_slots(lm: LoadedModel) -> int:
     return n
 
 
+def pool_blocks(lm: LoadedModel, slots: int, pool_tokens: int, block_size: int) -> int:
+    """Blocks in the pool: ``pool_tokens`` (0: every slot's full context, at most half the free
+    memory), never fewer than one full context and a block to copy into."""
+    row = -(-lm.context // block_size)
+    if pool_tokens > 0:
+        n = -(-pool_tokens // block_size)
+    else:
+        fit = int(AUTO_POOL_SHARE * free_memory_bytes(torch.device(lm.device))) // (
+            lm.model.kv_bytes_per_token() * block_size)
+        n = min(slots * row, fit)
+    return max(n, row + 1)
+
+
 @dataclass
 class SchedulerConfig:
     slots: int = 1
@@ -71,6 +93,8 @@ class SchedulerConfig:
     context_shift: bool = True
     n_keep: int = -1  # tokens kept at the head on a context shift; -1 = the BOS token if any
     cache_ram_bytes: int = 1 << 30  # RAM prompt cache budget; 0 = off
+    pool_tokens: int = 0  # KV pool size in tokens; 0 = automatic (see pool_blocks)
+    block_size: int = DEFAULT_BLOCK_SIZE
 
 
 @dataclass
@@ -82,13 +106,32 @@ class Task:
     on_end: Callable[[BaseException | None], None]
     should_abort: Callable[[], bool]
     slot: Slot | None = None
-    done_prefill: int = 0  # prompt tokens in the slot
+    done_prefill: int = 0  # tokens of ``tokens`` in the slot
     feed: Feed | None = None
     t0: float = field(default_factory=time.perf_counter)
+    resume: tuple[list[int], Feed] | None = None  # preempted while decoding: what it held, and its next feed
+    admitted: int = 0  # admission order
 
     @property
     def prompt(self) -> list[int]:
         return self.run.prompt
+
+    @property
+    def tokens(self) -> list[int]:
+        """What the slot must hold before the next decode step: the prompt, or after a preemption all
+        that the sequence held."""
+        return self.resume[0] if self.resume is not None else self.run.prompt
+
+    @property
+    def reusable(self) -> bool:
+        return self.cache_prompt and not self.prompt_logprobs
+
+    @property
+    def limit(self) -> int:
+        """How much of ``tokens`` may come from the cache (the last prompt token always runs)."""
+        if self.resume is not None:
+            return len(self.resume[0])
+        return len(self.prompt) - 1 if self.reusable else 0
 
     @property
     def prompt_logprobs(self) -> bool:
@@ -104,20 +147,36 @@ class Scheduler:
         if cfg.slots < 1:
             raise ValueError("at least one slot is needed")
         self.lm, self.cfg = lm, cfg
-        if lm.model.max_batch != cfg.slots:
-            lm.model.setup_caches(cfg.slots, lm.context)
-        self.slots = [Slot(i) for i in range(cfg.slots)]
-        self.ram = PromptCache(cfg.cache_ram_bytes)
+        model = lm.model
+        n_blocks = pool_blocks(lm, cfg.slots, cfg.pool_tokens, cfg.block_size)
+        kv = model.kv
+        if kv is None or (kv.n_blocks, kv.block_size, model.max_seq) != (n_blocks, cfg.block_size, lm.context):
+            model.setup_caches(cfg.slots, lm.context, n_blocks=n_blocks, block_size=cfg.block_size, lazy=True)
+        assert model.kv is not None
+        self.pool = BlockPool(n_blocks, cfg.block_size, model.kv.zero_block, model.kv.copy_block)
+        self.cache = SlotCache(model, cfg.slots, self.pool, cfg.cache_reuse, cfg.cache_ram_bytes)
         self.waiting: deque[Task] = deque()
         self.active: list[Task] = []
         self.decode_steps = 0
         self.peak_batch = 0  # the most sequences one decode step has carried
+        self.preemptions = 0
+        self._admitted = 0
         tok = lm.tokenizer
         self.n_keep = cfg.n_keep if cfg.n_keep >= 0 else int(tok.add_bos and tok.bos_id is not None)
+        log.info("KV pool: %d blocks of %d tokens (%.0f MiB)", n_blocks, cfg.block_size,
+                 n_blocks * cfg.block_size * model.kv_bytes_per_token() / 2**20)
+
+    @property
+    def slots(self) -> list[Slot]:
+        return self.cache.slots
+
+    @property
+    def ram(self):
+        return self.cache.ram
 
     # --- state ---------------------------------------------------------------------------------
     def free_slots(self) -> int:
-        return sum(not s.busy for s in self.slots)
+        return len(self.cache.free_slots())
 
     def idle(self) -> bool:
         return not self.active and not self.waiting
@@ -130,12 +189,20 @@ class Scheduler:
         """Admit, prefill chunks of newcomers (about one chunk's worth of tokens), one batched decode step."""
         self._drop_aborted()
         while self.waiting and self.free_slots():
-            self._admit(self.waiting.popleft())
+            task = self.waiting[0]
+            if not self._admit(task):
+                if self.active:
+                    break  # it waits for blocks to come back
+                self.waiting.popleft()  # pragma: no cover - the pool holds a full context and a block more
+                self._end(task, RuntimeError(f"the KV pool ({self.pool.n_blocks} blocks) cannot hold this prompt"))
+                continue
+            self.waiting.popleft()
         budget = PREFILL_CHUNK  # prompt tokens per step, over as many newcomers as it covers
         for t in [t for t in self.active if t.feed is None]:
             if budget <= 0:
                 break
-            budget -= self._guarded(t, self._prefill)
+            if t in self.active:  # not preempted by an older one's prefill
+                budget -= self._guarded(t, self._prefill)
         decoding = [t for t in self.active if t.feed is not None]
         if decoding:
             try:
@@ -155,71 +222,98 @@ class Scheduler:
 
     def _fail(self, task: Task, exc: BaseException) -> None:
         if task.slot is not None:
-            task.slot.tokens.clear()  # what the failed pass wrote is not trusted
+            self.cache.discard(task.slot)  # what the failed pass wrote is not trusted
         self._end(task, exc)
 
     def _drop_aborted(self) -> None:
         for t in list(self.waiting):
             if t.should_abort():
                 self.waiting.remove(t)
-                t.run.end_prompt(0.0)
-                self._emit(t, t.run.finish("abort"))
+                if not t.run.done:
+                    if t.resume is None:
+                        t.run.end_prompt(0.0)
+                    self._emit(t, t.run.finish("abort"))
                 t.on_end(None)
         for t in list(self.active):
             if t.should_abort():
                 self._emit(t, t.run.finish("abort"))
                 self._end(t, None)
 
-    # --- admission: a slot and its reuse -------------------------------------------------------
-    def _admit(self, task: Task) -> None:
-        prompt = task.prompt
-        reusable = task.cache_prompt and not task.prompt_logprobs
-        limit = len(prompt) - 1 if reusable else 0  # the last prompt token is always run
-        free = [s for s in self.slots if not s.busy]
-        plans = {s.row: plan_reuse(s.tokens, prompt, self.cfg.cache_reuse, limit) for s in free}
-        slot = max(free, key=lambda s: (plans[s.row].reused, -s.last_used))
-        plan = plans[slot.row]
-        from_ram = self.ram.best(prompt, self.cfg.cache_reuse, limit) if len(self.ram) else None
-        if from_ram is not None and from_ram[1].reused > plan.reused:
-            slot = min(free, key=lambda s: (plans[s.row].reused, s.last_used))  # the least useful slot
-            self._save(slot, 0)  # replaced whole: keep it if it is worth keeping
-            entry = self.ram.take(from_ram[0])
-            self.lm.model.write_kv(slot.row, entry.kv, len(entry.tokens))
-            slot.tokens = entry.tokens
-            plan = from_ram[1]
-            log.info("slot %d: restored %d cached tokens from RAM", slot.row, len(entry.tokens))
-        else:
-            self._save(slot, plan.reused)
-        slot.busy, slot.last_used = True, time.monotonic()
-        task.slot = slot
-        task.t0 = time.perf_counter()  # prefill time counts from here, not from the queue
-        self._apply(slot, plan, prompt)
-        task.done_prefill = plan.reused
-        task.run.choice.cached_tokens = plan.reused
+    # --- admission, blocks, preemption ---------------------------------------------------------
+    def _admit(self, task: Task) -> bool:
+        """Give ``task`` a slot holding as much of its tokens as can be reused; False when the pool
+        cannot hold them now (it waits)."""
+        claimed = self.cache.claim(task.tokens, task.limit)
+        if claimed is None:
+            return False
+        task.slot, reused = claimed
+        task.done_prefill = reused
+        if task.resume is None:
+            task.t0 = time.perf_counter()  # prefill time counts from here, not from the queue
+            task.run.choice.cached_tokens = reused
+        self._admitted += 1
+        task.admitted = self._admitted
         self.active.append(task)
+        return True
 
-    def _save(self, slot: Slot, reused: int) -> None:
-        """Copy the slot to the RAM cache when the newcomer would throw most of it away."""
-        if self.ram.limit <= 0 or len(slot.tokens) < SAVE_MIN_TOKENS or reused * 2 >= len(slot.tokens):
-            return
-        if self.ram.save(slot.tokens, self.lm.model.read_kv(slot.row, len(slot.tokens))):
-            log.info("slot %d: %d tokens saved to the RAM cache (%d entries, %.0f MiB)", slot.row,
-                     len(slot.tokens), len(self.ram), self.ram.nbytes / 2**20)
+    def _blocks(self, task: Task, start: int, stop: int) -> bool:
+        """Blocks for ``task``'s positions ``start .. stop-1``, preempting newer sequences if need be;
+        False when ``task`` itself had to wait (it was preempted)."""
+        assert task.slot is not None
+        while not self.cache.writable(task.slot, start, stop):
+            victim = max((t for t in self.active if t.slot is not None), key=lambda t: t.admitted)
+            self._preempt(victim)
+            if victim is task:
+                return False
+        return True
 
-    def _apply(self, slot: Slot, plan: ReusePlan, prompt: list[int]) -> None:
-        for src, dst, n in plan.moves:
-            self.lm.model.shift_kv(slot.row, src, dst, n)
-        slot.tokens = prompt[: plan.reused]
-        if plan.moves:
-            log.info("slot %d: reused %d prompt tokens (%d as a prefix, %d in %d moved chunks)", slot.row,
-                     plan.reused, plan.prefix, plan.reused - plan.prefix, len(plan.moves))
+    def _preempt(self, task: Task) -> None:
+        """Give back ``task``'s blocks and queue it first, to be recomputed."""
+        slot = task.slot
+        assert slot is not None
+        if task.feed is not None:  # (one preempted in its prefill starts it again, or its resumption)
+            task.resume = (list(slot.tokens), task.feed)
+        task.feed = None
+        self.cache.discard(slot)
+        slot.busy, task.slot, task.done_prefill = False, None, 0
+        self.active.remove(task)
+        self.waiting.appendleft(task)
+        self.preemptions += 1
+        log.info("KV pool full: a sequence holding %d tokens waits to be recomputed", len(task.tokens))
 
     # --- prefill -------------------------------------------------------------------------------
+    def _waits_for_shared(self, task: Task) -> bool:
+        """Whether an older sequence is computing the blocks ``task`` would compute next (it will
+        share them instead)."""
+        assert task.slot is not None
+        if not task.reusable or task.resume is not None or not self.cache.can_adopt(task.slot):
+            return False
+        bs = self.pool.block_size
+        for other in self.active:
+            if other is task or other.admitted > task.admitted or other.feed is not None or not other.reusable \
+                    or other.slot is None or other.slot.exact < other.done_prefill:
+                continue
+            shared = min(common_prefix(other.prompt, task.prompt), task.limit) // bs * bs
+            if other.done_prefill < shared and task.done_prefill + bs <= shared:
+                return True
+        return False
+
     def _prefill(self, task: Task) -> int:
         """One chunk of ``task``'s prompt; returns the tokens computed."""
-        assert task.slot is not None
-        prompt, run = task.prompt, task.run
-        end = len(prompt) - 1 if run.max_new > 0 or task.prompt_logprobs else task.done_prefill
+        slot = task.slot
+        assert slot is not None
+        tokens, run = task.tokens, task.run
+        if task.resume is not None:
+            end = len(tokens)
+        else:
+            end = len(tokens) - 1 if run.max_new > 0 or task.prompt_logprobs else task.done_prefill
+        if task.reusable and task.resume is None:
+            gained = self.cache.adopt(slot, tokens, task.limit)
+            if gained:
+                task.done_prefill += gained
+                run.choice.cached_tokens += gained
+            elif task.done_prefill < end and self._waits_for_shared(task):
+                return 0
         # One chunk size whoever else is running: the same prompt gets the same cache bits, so the
         # same request gives the same text alone or in a batch (a 256-token chunk stalls the
         # other streams for about half a second on a 2-core CPU with the default model).
@@ -227,16 +321,21 @@ class Scheduler:
         start = task.done_prefill
         stop = min(start + chunk, end)
         if stop > start:
-            ids = prompt[start:stop]
-            tokens = torch.tensor([ids], dtype=torch.long, device=self.lm.device)
+            if not self._blocks(task, start, stop):
+                return 0
+            ids = tokens[start:stop]
+            t = torch.tensor([ids], dtype=torch.long, device=self.lm.device)
             pos = torch.arange(start, stop, device=self.lm.device)
-            out = self.lm.model(tokens, pos, kv_len=stop, last_only=not task.prompt_logprobs, rows=[task.slot.row])
-            task.slot.tokens = prompt[:stop]
+            out = self.lm.model(t, pos, kv_len=stop, last_only=not task.prompt_logprobs, tables=[slot.table])
+            self.cache.wrote(slot, tokens[:stop], start)
             task.done_prefill = stop
             if task.prompt_logprobs:
                 run.prompt_logits(out[0], start)
         if task.done_prefill < end:
             return stop - start
+        if task.resume is not None:
+            task.feed, task.resume = task.resume[1], None
+            return max(0, stop - start)
         task.feed = run.end_prompt(time.perf_counter() - task.t0, task.prompt_logprobs)
         if task.feed is None:
             self._end(task, None)
@@ -245,27 +344,33 @@ class Scheduler:
     # --- decode --------------------------------------------------------------------------------
     def _decode(self, tasks: list[Task]) -> None:
         ctx = self.lm.context
-        batch: list[Task] = []
         for t in tasks:
             assert t.slot is not None and t.feed is not None
             if t.feed.drop:
-                del t.slot.tokens[len(t.slot.tokens) - t.feed.drop :]
+                self.cache.set_tokens(t.slot, t.slot.tokens[: len(t.slot.tokens) - t.feed.drop])
+                t.feed.drop = 0
             if len(t.slot.tokens) >= ctx and not self._shift(t):
                 self._emit(t, t.run.finish("length"))
                 self._end(t, None)
-                continue
-            batch.append(t)
+        for t in sorted((t for t in tasks if t.slot is not None), key=lambda t: t.admitted):
+            if t.slot is not None:  # (an older one's growth may have preempted it)
+                n = len(t.slot.tokens)
+                self._blocks(t, n, n + 1)
+        batch = [t for t in tasks if t.slot is not None and t.feed is not None]
         if not batch:
             return
-        batch.sort(key=lambda t: t.slot.row)  # type: ignore[union-attr]  # consecutive rows are read as a view
         dev = self.lm.device
         tokens = torch.tensor([[t.feed.token] for t in batch], dtype=torch.long, device=dev)  # type: ignore[union-attr]
         pos = torch.tensor([[len(t.slot.tokens)] for t in batch], dtype=torch.long, device=dev)  # type: ignore[union-attr]
-        logits = self.lm.model(tokens, pos, kv_len=int(pos.max()) + 1, rows=[t.slot.row for t in batch])[:, -1]  # type: ignore[union-attr]
+        logits = self.lm.model(tokens, pos, kv_len=int(pos.max()) + 1,
+                               tables=[t.slot.table for t in batch])[:, -1]  # type: ignore[union-attr]
         self.decode_steps += 1
         self.peak_batch = max(self.peak_batch, len(batch))
         for i, t in enumerate(batch):
-            t.slot.tokens.append(t.feed.token)  # type: ignore[union-attr]
+            slot = t.slot
+            assert slot is not None and t.feed is not None
+            n = len(slot.tokens)
+            self.cache.wrote(slot, slot.tokens + [t.feed.token], n)
             piece, t.feed = t.run.step(logits[i])
             self._emit(t, piece)
             if t.feed is None:
@@ -278,10 +383,8 @@ class Scheduler:
         n = len(slot.tokens)
         keep = min(self.n_keep, n - 2)
         discard = (n - keep) // 2
-        if not self.cfg.context_shift or discard <= 0:
+        if not self.cfg.context_shift or discard <= 0 or not self.cache.shift(slot, keep, discard):
             return False
-        self.lm.model.shift_kv(slot.row, keep + discard, keep, n - keep - discard)
-        slot.tokens = slot.tokens[:keep] + slot.tokens[keep + discard :]
         log.info("slot %d: context shift, %d tokens dropped after the first %d", slot.row, discard, keep)
         return True
 
@@ -302,5 +405,11 @@ class Scheduler:
         task.on_end(error)
 
     def slot_info(self) -> list[dict]:
-        return [{"id": s.row, "n_ctx": self.lm.context, "is_processing": s.busy, "n_cached": len(s.tokens)}
-                for s in self.slots]
+        return self.cache.info(self.lm.context)
+
+    def pool_info(self) -> dict:
+        st = self.pool.stats()
+        return {"block_size": st.block_size, "blocks_total": st.total, "blocks_free": st.free,
+                "blocks_cached": st.cached, "blocks_held": st.held, "blocks_shared": st.shared,
+                "blocks_running": len({b for t in self.active if t.slot is not None for b in t.slot.table}),
+                "preemptions": self.preemptions}

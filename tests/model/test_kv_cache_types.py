@@ -60,18 +60,24 @@ def _run(path, kinds, steps=6):
     return lm, torch.stack(out)
 
 
+def keys(lm, layer: int, start: int, stop: int) -> torch.Tensor:
+    """The stored key plane of cache row 0 at positions ``start .. stop-1`` of ``layer``."""
+    cache = lm.model.layers[layer].cache
+    return cache.positions(cache.k, lm.model.row_table(0), start, stop)[0]
+
+
 @pytest.mark.parametrize("kind", TYPES)
 def test_stored_entries_and_logits(model_file, kind):
     ref_lm, ref = _run(model_file, ("f32", "f32"))
     lm, got = _run(model_file, (kind, kind))
-    ref_k = ref_lm.model.layers[0].cache.k.planes[0][0, :, :24]
-    stored = lm.model.layers[0].cache.k
+    ref_k = keys(ref_lm, 0, 0, 24)
+    stored = keys(lm, 0, 0, 24)
     if kind == "q8_0":
         cache = lm.model.layers[0].cache
         assert (cache.k_rot, cache.v_rot) == (64, 64)
-        assert torch.equal(stored.planes[0][0, :, :24], quantize_q8_0(hadamard(ref_k, 64))[0])
+        assert torch.equal(stored, quantize_q8_0(hadamard(ref_k, 64))[0])
     else:
-        assert torch.equal(stored.planes[0][0, :, :24], ref_k.to(FLOAT_TYPES[kind]))
+        assert torch.equal(stored, ref_k.to(FLOAT_TYPES[kind]))
     # the first layer's keys match exactly; later layers and the logits drift by the rounding
     rel = float((got - ref).abs().max() / ref.abs().max())
     assert rel < {"f16": 2e-2, "bf16": 4e-2, "q8_0": 4e-2}[kind], rel
@@ -91,9 +97,9 @@ def test_move_and_copy_on_every_type(model_file, kind):
     lm, _ = _run(model_file, (kind, kind), steps=0)
     for m in (ref_lm.model, lm.model):
         m.shift_kv(0, 8, 2, 16)
-    ref_k = ref_lm.model.layers[1].cache.k.planes[0][0, :, 2:18]
-    got = lm.model.layers[1].cache.k
-    moved = got.decode(tuple(p[0, :, 2:18] for p in got.planes)).float()
+    ref_k = keys(ref_lm, 1, 2, 18)
+    cache = lm.model.layers[1].cache
+    moved = cache.k.decode(cache.positions(cache.k, lm.model.row_table(0), 2, 18)).float()
     if kind == "q8_0":
         moved = hadamard(moved, 64)  # the cache holds keys turned; turned again, they are keys
     assert float((moved - ref_k).abs().max() / ref_k.abs().max()) < 3e-2

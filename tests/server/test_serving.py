@@ -9,33 +9,11 @@ import os
 import pytest
 import torch
 
+from enginecalls import forget, ids, req, result, run
 from nkat_runtime.loader import load_model
-from nkat_runtime.request import GenerationRequest
-from nkat_runtime.sampling.params import SamplingParams
 from nkat_runtime.serve.engine import Engine
 from nkat_runtime.serve.kv_slots import PromptCache, plan_reuse
 from nkat_runtime.serve.scheduler import SchedulerConfig
-
-GREEDY = SamplingParams.greedy()
-
-
-def req(prompt, **kw) -> GenerationRequest:
-    kw.setdefault("sampling", GREEDY)
-    kw.setdefault("seed", 7)
-    return GenerationRequest(prompts=[prompt], **kw)
-
-
-async def result(engine: Engine, request: GenerationRequest):
-    return await engine.submit(engine.prepare(request)).result()
-
-
-def run(engine: Engine, request: GenerationRequest):
-    return asyncio.run(result(engine, request))
-
-
-def forget(engine: Engine) -> None:
-    for slot in engine.sched.slots:
-        slot.tokens.clear()
 
 
 # --- planning ------------------------------------------------------------------------------------
@@ -130,10 +108,6 @@ def tiny(tiny_model):
     return load_model(tiny_model("llama"), context=64, progress=False, reference=True)
 
 
-def ids(n: int, start: int = 10) -> list[int]:
-    return [start + (i * 7) % 60 for i in range(n)]  # the tiny vocabulary has 275 tokens
-
-
 def test_reused_prefix_gives_the_logits_of_a_full_prefill(tiny):
     engine = Engine(tiny, config=SchedulerConfig(slots=1, cache_ram_bytes=0))
     try:
@@ -159,11 +133,11 @@ def test_moved_chunk_keys_are_re_rotated_to_their_new_positions(tiny):
     try:
         run(engine, req(sys_ + old + kept, max_tokens=1))
         out = run(engine, req(sys_ + kept + new, max_tokens=1)).choices[0]
-        cache0 = tiny.model.layers[0].cache
-        moved = cache0.k.planes[0][0, :, len(sys_) : len(sys_) + len(kept)].clone()
+        cache0, slot = tiny.model.layers[0].cache, engine.sched.slots[0]
+        moved = cache0.positions(cache0.k, slot.table, len(sys_), len(sys_) + len(kept))[0]
         forget(engine)
         run(engine, req(sys_ + kept + new, max_tokens=1))
-        fresh = cache0.k.planes[0][0, :, len(sys_) : len(sys_) + len(kept)].clone()
+        fresh = cache0.positions(cache0.k, slot.table, len(sys_), len(sys_) + len(kept))[0]
     finally:
         engine.close()
     assert out.cached_tokens == len(sys_) + len(kept)
