@@ -38,6 +38,8 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import QUESTIONS, TOPICS, completion  # noqa: E402  (the same streaming client)
 
+TIMEOUT = aiohttp.ClientTimeout(total=3600)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -55,7 +57,7 @@ def rss_mib(pid: int) -> float:
 
 async def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     t0 = time.monotonic()
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         while time.monotonic() - t0 < timeout:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {proc.returncode}")
@@ -92,7 +94,7 @@ async def tokens_of(session: aiohttp.ClientSession, url: str, text: str) -> int:
 
 
 async def shared_card(url: str, args: argparse.Namespace, is_ours: bool) -> dict:
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         words = int(args.card / 1.3)
         card = card_text(words)
         n_card = await tokens_of(s, url, card)
@@ -121,7 +123,7 @@ async def memory(url: str, pid: int, args: argparse.Namespace, bytes_per_token: 
             samples.append((time.monotonic(), rss_mib(pid)))
             await asyncio.sleep(0.1)
 
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         idle = rss_mib(pid)
         prompts = [card_text(int(args.tokens / 1.3)).replace("Mira", name) for name in
                    ("Ada", "Bram", "Cleo", "Dov", "Esme", "Finn", "Gala", "Hugo", "Ines", "Jun", "Kai", "Lea")]
@@ -137,18 +139,25 @@ async def memory(url: str, pid: int, args: argparse.Namespace, bytes_per_token: 
     return {"rss_idle_mib": idle, "rss_peak_mib": peak, "live_tokens": live, "cache_used_mib": used_mib}
 
 
-def start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+def start(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_path.open("w"), env=env, text=True)
 
 
 def run_server(name: str, cmd: list[str], url: str, args: argparse.Namespace, bytes_per_token: int) -> dict:
     env = dict(os.environ)
-    proc = start(cmd, env)
+    log_path = Path(args.logs) / f"kv_pool-{name}.log"
+    proc = start(cmd, env, log_path)
     try:
-        asyncio.run(wait_ready(url, proc))
-        result = {"command": " ".join(cmd)}
-        result["card"] = asyncio.run(shared_card(url, args, name == "nkat"))
-        result["memory"] = asyncio.run(memory(url, proc.pid, args, bytes_per_token))
+        try:
+            asyncio.run(wait_ready(url, proc))
+        except RuntimeError:
+            raise RuntimeError(f"{name} did not start; its log: {log_path}") from None
+        result: dict = {"command": " ".join(cmd)}
+        try:
+            result["card"] = asyncio.run(shared_card(url, args, name == "nkat"))
+            result["memory"] = asyncio.run(memory(url, proc.pid, args, bytes_per_token))
+        except (aiohttp.ClientError, RuntimeError) as exc:  # reported, and the other server still runs
+            result["error"] = f"{type(exc).__name__}: {exc} (server exit code {proc.poll()}, log {log_path})"
         return result
     finally:
         proc.terminate()
@@ -170,6 +179,7 @@ def main() -> int:
     p.add_argument("--gen", type=int, default=16)
     p.add_argument("--llama-cpp", default=None, help="folder with llama-server")
     p.add_argument("--json", default=None)
+    p.add_argument("--logs", default="/tmp", help="folder for the servers' logs")
     args = p.parse_args()
     from nkat_runtime.bundled import resolve_model
     from nkat_runtime.loader import load_model
@@ -181,7 +191,7 @@ def main() -> int:
     file_mib = path.stat().st_size / 2**20
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ours_cmd = [sys.executable, "-m", "nkat_server", "--model", str(path), "--port", str(port), "--threads",
+    ours_cmd = [sys.executable, "-m", "nkat_server.cli", "--model", str(path), "--port", str(port), "--threads",
                 str(args.threads), "--parallel", str(args.parallel), "--contextsize", str(args.ctx), "-ctk",
                 args.cache_type, "-ctv", args.cache_type, "--cache-ram", "0", "--max-queue", str(2 * args.parallel)]
     results = {"model": path.name, "file_mib": file_mib, "bytes_per_token": bytes_per_token, "cpu": cpu_name(),
@@ -216,6 +226,9 @@ def report(r: dict) -> None:
     print(f"{r['model']}: file {r['file_mib']:.0f} MiB, cache {r['bytes_per_token'] / 1024:.1f} KiB/token, {r['cpu']}")
     for name in ("nkat", "llama_cpp"):
         if name not in r:
+            continue
+        if "error" in r[name]:
+            print(f"  {name}: failed: {r[name]['error']}")
             continue
         c, m = r[name]["card"], r[name]["memory"]
         limit = r["file_mib"] + 1.2 * m["cache_used_mib"]

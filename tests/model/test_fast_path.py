@@ -52,9 +52,9 @@ def test_packed_linear_reproduces_dequantised_weight(tmp_path, qtype):
     eye = torch.eye(256)
     recovered = torch.cat([layer(eye[i : i + 8]) for i in range(0, 256, 8)]).t()
     assert (recovered - w).abs().max() <= 0.01 * w.abs().max()
-    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(packed.DENSE_FROM_ROWS, 256, generator=torch.Generator().manual_seed(1))
     expected = x @ w.t()
-    for rows in (1, 3, 40):  # int4 kernel, and the dense path from DENSE_FROM_ROWS on
+    for rows in (1, 3, 40, packed.DENSE_FROM_ROWS):  # int4 kernel, and the dense path from DENSE_FROM_ROWS on
         got = layer(x[:rows])
         assert (got - expected[:rows]).abs().max() <= 0.02 * expected[:rows].abs().max()
 

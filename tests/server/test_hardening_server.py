@@ -228,6 +228,10 @@ def test_load_with_aborts_and_dropped_connections(server):
     while not idle() and time.time() < deadline:
         time.sleep(0.5)
     assert idle(), "the queue or a slot is still busy after every client finished"
+    pool = server.get("/props", headers=AUTH).json()["nkat"]["kv_cache"]
+    held = sum(s["n_blocks"] for s in server.get("/slots").json())  # what idle slots keep for reuse
+    assert pool["blocks_running"] == 0 and pool["blocks_held"] <= held, pool  # aborted and dropped ones gave theirs back
+    assert pool["blocks_free"] + pool["blocks_cached"] + pool["blocks_held"] == pool["blocks_total"], pool
     after = rss_kib(server.proc.pid)
     bad = [e for e in log if not e["ok"]]
     assert len(log) == LOAD_CLIENTS * LOAD_REQUESTS and not bad, bad[:5]

@@ -25,6 +25,14 @@ def test_defaults(tmp_path, monkeypatch):
     assert a.model is None and a.no_theta is False and a.no_cuda is False
 
 
+@pytest.mark.parametrize("text,tokens", [("0", 0), ("4096", 4096), ("1MiB", 1024), ("0.5GiB", 512 * 1024),
+                                         ("2mb", 2048)])
+def test_kv_pool_in_tokens_or_bytes(tmp_path, text, tokens):
+    from nkat_server.cli import pool_tokens
+
+    assert pool_tokens(parse(["--kv-pool", text], tmp_path).kv_pool_size, 1024) == tokens
+
+
 def test_server_table_fills_flags_and_flags_win(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[model]\nctx = 256\nmodel = "smollm2-135m"\n'
@@ -44,6 +52,9 @@ def test_server_table_fills_flags_and_flags_win(tmp_path):
     ([], '[server]\nport = "high"\n', "port must be of type int"),
     ([], '[server\n', "invalid TOML"),
     (["--model", "/no/such/model.gguf"], None, "model not found"),
+    (["--kv-pool", "lots"], None, "--kv-pool must be a token count or a size"),
+    (["--kv-pool", "-5"], None, "--kv-pool must be >= 0"),
+    (["--kv-block-size", "0"], None, "--kv-block-size must be in 1..4096"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, config, message):
     extra = []

@@ -101,7 +101,7 @@ def test_aborted_request_frees_its_slot(gemma):
 
 
 # --- a tiny random model on float32 math (reference=True): exact comparisons are meaningful ---------
-# (the fast path runs fewer than 16 rows through the int4 kernel with bf16 activations, more rows
+# (the fast path runs fewer than 256 rows through the int4 kernel with bf16 activations, more rows
 # through float32: a prefix prefilled in other chunk shapes differs there by that kernel's error)
 @pytest.fixture(scope="module")
 def tiny(tiny_model):

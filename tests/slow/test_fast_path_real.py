@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nkat_runtime.loader import load_model
+from nkat_runtime.model import packed
 
 pytestmark = pytest.mark.slow
 
@@ -63,12 +64,14 @@ def test_real_model_logits_match_reference(both, capsys):
         ids = torch.tensor([tok.encode(prompt, add_special=True)])
         pos = torch.arange(ids.shape[1])
         _check_logits(fast.model(ids, pos), ref.model(ids, pos), f"{name}: {prompt!r}", worst)
-    text = " ".join(PROMPTS) * 3  # a long prompt: the dense prefill path, then decode steps
-    ids = torch.tensor([tok.encode(text, add_special=True)[:96]])
-    n = ids.shape[1]
-    _check_logits(fast.model(ids[:, :80], torch.arange(80)), ref.model(ids[:, :80], torch.arange(80)),
-                  f"{name}: prefill")
-    for p in range(80, n):
+    text = " ".join(PROMPTS) * 12  # a long prompt: the kernels' prefill, the dense one, then decode steps
+    ids = torch.tensor([tok.encode(text, add_special=True)[:300]])
+    n, dense = ids.shape[1], packed.DENSE_FROM_ROWS
+    assert n > dense + 8
+    for rows in (80, dense):
+        _check_logits(fast.model(ids[:, :rows], torch.arange(rows)), ref.model(ids[:, :rows], torch.arange(rows)),
+                      f"{name}: prefill of {rows}")
+    for p in range(dense, n):
         step = ids[:, p : p + 1], torch.tensor([p])
         _check_logits(fast.model(*step), ref.model(*step), f"{name}: decode at {p}", worst)
     with capsys.disabled():

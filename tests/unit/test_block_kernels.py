@@ -2,9 +2,9 @@
 
 The fast path's linear for each GGUF type (int4 kernel for 4-bit codes, fused plane kernels for
 the rest) is fed random blocks (any bytes, finite f16 scales) and compared with
-``gguf.quants.dequantize`` then a float64 product, for 1, 3, 8, 17 and 64 rows, as decode
+``gguf.quants.dequantize`` then a float64 product, for 1, 3, 8, 17, 64 and 256 rows, as decode
 steps (``[M, 1, K]``: the fused or int4 kernel at any M) and as plain rows (``[M, K]``: from
-16 rows on, a float32 GEMM over dequantised tiles), on ragged shapes. The bound is the
+``DENSE_FROM_ROWS`` (256) rows on, a float32 GEMM over dequantised tiles), on ragged shapes. The bound is the
 accumulation dtype's: ``K · u · Σ|w||x|`` with u the unit roundoff of float32 (fused, GEMM)
 or of bf16 (the int4 kernel rounds x, S and Z to bf16).
 """
@@ -25,7 +25,7 @@ from nkat_runtime.quant import planes
 CPU = torch.device("cpu")
 F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
               T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
-ROWS = (1, 3, 8, 17, 64)
+ROWS = (1, 3, 8, 17, 64, 256)
 U_F32, U_BF16 = 2.0**-24, 2.0**-8
 
 
