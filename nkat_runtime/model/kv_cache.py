@@ -98,31 +98,25 @@ class BlockView:
 
     def __init__(self, tables: Sequence[Sequence[int]], pos: torch.Tensor, lengths: Sequence[int],
                  block_size: int) -> None:
-        dev = pos.device
         batch = len(tables)
         p = pos if pos.dim() == 2 else pos.unsqueeze(0).expand(batch, -1)
-        self.block_size = block_size
-        self.write = flat_slots(tables, p, block_size)  # [B * T], sequence-major
+        index = [torch.tensor(list(t), dtype=torch.long, device=pos.device) for t in tables]  # once per table
+        self.write = torch.cat([_through(t, row, block_size) for t, row in zip(index, p)])  # [B * T], sequence-major
         self.seqs: list[SeqBlocks] = []
-        for table, n in zip(tables, lengths):
+        for table, t, n in zip(tables, index, lengths):
             count = -(-n // block_size)
-            blocks = list(table[:count])
-            if len(blocks) < count:
+            if len(table) < count:
                 raise ValueError(f"a block table of {len(table)} blocks cannot hold {n} positions")
+            blocks = list(table[:count])
             if blocks == list(range(blocks[0], blocks[0] + count)):
                 self.seqs.append(SeqBlocks(n, blocks[0], count, None))
             else:
-                self.seqs.append(SeqBlocks(n, None, count, torch.tensor(blocks, dtype=torch.long, device=dev)))
-        self.uniform = len(set(lengths)) == 1
+                self.seqs.append(SeqBlocks(n, None, count, t[:count]))
 
 
-def flat_slots(tables: Sequence[Sequence[int]], pos: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The flat slot of each position of ``pos`` [B, T] through its row's table (sequence-major)."""
-    rows = []
-    for table, p in zip(tables, pos):
-        t = torch.tensor(table, dtype=torch.long, device=pos.device)
-        rows.append(t[p // block_size] * block_size + p % block_size)
-    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=pos.device)
+def _through(table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The flat slot (``block * block_size + offset``) of each position of ``pos`` through ``table``."""
+    return table[pos // block_size] * block_size + pos % block_size
 
 
 class _Store:
@@ -284,5 +278,5 @@ class KVCache:
 
 
 def _slots(table: Sequence[int], start: int, stop: int, block_size: int, device) -> torch.Tensor:
-    p = torch.arange(start, stop, device=device)
-    return torch.tensor(list(table), dtype=torch.long, device=device)[p // block_size] * block_size + p % block_size
+    return _through(torch.tensor(list(table), dtype=torch.long, device=device), torch.arange(start, stop, device=device),
+                    block_size)
