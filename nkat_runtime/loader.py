@@ -19,7 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import quant
-from .cache_types import DEFAULT_CACHE_TYPE
+from .cache_types import default_cache_types
+from .cuda.ops import GGUFLinear, triton_types
 from .errors import ModelFormatError, UnsupportedError
 from .gguf.reader import GGUFFile, TensorRef, open_gguf
 from .model import DecoderModel, ModelConfig, config_for, int4
@@ -79,14 +80,16 @@ class GGUFWeights:
         theta_gamma: float | None = None,
         fast: bool = False,
         layout_cache: bool = True,
+        triton: bool = False,
     ):
         self.gguf, self.device, self.dtype, self.progress = gguf, device, dtype, progress
         self.theta_gamma = theta_gamma
         self.fast = fast
-        self.int4 = fast and int4.int4_available(device)
+        self.triton = triton_types() if fast and triton else frozenset()
+        self.int4 = fast and not triton and int4.int4_available(device)
         self._table: torch.Tensor | None = None
         options = f"int4={self.int4}|{sorted(INT4_PARTS.items())}"
-        self.layouts = LayoutCache.open(gguf.path, device, options) if fast and layout_cache else None
+        self.layouts = LayoutCache.open(gguf.path, device, options) if fast and layout_cache and not triton else None
 
     def has(self, name: str) -> bool:
         return self.gguf.has_tensor(name + ".weight")
@@ -127,7 +130,10 @@ class GGUFWeights:
         if rows is not None:
             ref, key = row_slice(whole, *rows), f"{name}[{rows[0]}:{rows[1]}]"
         last = rows is None or rows[1] == whole.shape[0]  # the tensor counts once in the progress bar
-        if self.fast:
+        if ref.qtype in self.triton:  # the CUDA path: the file's blocks on the device, Triton kernels
+            layer: nn.Module = GGUFLinear(ref, self.device, bias)
+            self.gguf.release(ref)
+        elif self.fast:
             stored = self.layouts.get(key) if self.layouts is not None else None
             layer = from_layout(ref, stored, bias, self.gguf.release) if stored else None
             if layer is None:
@@ -243,6 +249,18 @@ def trim_heap() -> None:
         pass
 
 
+def use_triton(kernels: str, device: torch.device) -> bool:
+    """Whether weights take the Triton kernels (``load_model``'s ``kernels``)."""
+    if kernels not in ("auto", "triton", "cpu"):
+        raise ValueError(f"kernels must be auto, triton or cpu, not {kernels!r}")
+    if kernels == "triton" and not triton_types():
+        raise UnsupportedError("the Triton kernels need the triton package (pip install triton)")
+    if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UnsupportedError(f"the Triton kernels run on CUDA, not on {device.type} (TRITON_INTERPRET=1 "
+                               "runs them on the CPU, slowly: for tests)")
+    return kernels == "triton" or (kernels == "auto" and device.type == "cuda" and bool(triton_types()))
+
+
 def pick_device(device: str | None = None, no_cuda: bool = False) -> torch.device:
     """``cuda`` when available (and not refused), else ``cpu``; an explicit device wins."""
     if device:
@@ -269,7 +287,8 @@ def load_model(
     compile: bool = False,
     batch_invariant: bool = True,
     layout_cache: bool = True,
-    cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE),
+    cache_types: tuple[str, str] | None = None,
+    kernels: str = "auto",
 ) -> LoadedModel:
     """Open, validate and build the model; allocate the KV cache for ``context`` tokens.
 
@@ -286,7 +305,11 @@ def load_model(
     ``theta_gamma`` overrides it; ``theta=False`` loads the plain source model.
 
     ``cache_types``: the KV cache's types for keys and values (``f32``, ``f16``, ``bf16``, ``q8_0``;
-    ``model/kv_cache.py``).
+    ``model/kv_cache.py``); default bf16, float32 with ``reference``.
+
+    ``kernels``: ``"triton"`` runs every quantised weight the Triton kernels read from its GGUF
+    bytes (``cuda/``; on a CPU only under ``TRITON_INTERPRET=1``, for tests), ``"cpu"`` the CPU
+    kernels (``packed.py``), ``"auto"`` (default) Triton on CUDA when triton is installed.
 
     ``layout_cache`` reads the packed weights back from ``~/.cache/nkat/layouts`` when an
     earlier start stored them, and stores them otherwise (``model/layout_cache.py``).
@@ -315,7 +338,8 @@ def load_model(
         gamma = None
         if theta and gguf.get("nkat.version") is not None:
             gamma = float(theta_gamma if theta_gamma is not None else gguf.get("nkat.theta.gamma", 1.0))
-        weights = GGUFWeights(gguf, dev, dtype, bar, theta_gamma=gamma, fast=not reference, layout_cache=layout_cache)
+        weights = GGUFWeights(gguf, dev, dtype, bar, theta_gamma=gamma, fast=not reference, layout_cache=layout_cache,
+                              triton=use_triton(kernels, dev))
         model = DecoderModel(cfg, weights)
     finally:
         bar.close()
@@ -324,7 +348,7 @@ def load_model(
     model.eval()
     model.set_batch_invariant(batch_invariant)
     trim_heap()
-    model.setup_caches(max_batch, n_ctx, cache_types)
+    model.setup_caches(max_batch, n_ctx, cache_types or default_cache_types(reference))
     if compile:
         model.compile_decode(mode="reduce-overhead" if dev.type == "cuda" else None)
         for pos in (0, 1):  # compile now, not on the first request (the second step: dynamic KV length)

@@ -15,10 +15,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Triton kernels run under its interpreter, on CPU tensors (tests/unit/test_triton_kernels.py). The
+# flag must be set before triton is first imported, and torch imports it when it is installed.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nkat_runtime import bundled
-from paths import wiki_text_path
+import pytest  # noqa: E402
+
+from nkat_runtime import bundled  # noqa: E402
+from paths import wiki_text_path  # noqa: E402
 
 
 def strict() -> bool:

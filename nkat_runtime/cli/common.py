@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import bundled
-from ..cache_types import CACHE_TYPES, DEFAULT_CACHE_TYPE
+from ..cache_types import CACHE_TYPES, DEFAULT_CACHE_TYPE, REFERENCE_CACHE_TYPE, default_cache_types
 from ..errors import NKATError
 
 EXIT_USAGE = 2
@@ -32,12 +32,15 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU, Gemma 3 270M: measured 1.14-1.6x faster decode, "
                         "at 85-140 s of compiling at load; see docs/fast-path.md)")
+    g.add_argument("--kernels", choices=("auto", "triton", "cpu"), default="auto",
+                   help="quantised weights' kernels: auto = Triton over the GGUF blocks on CUDA (not yet run on a "
+                        "GPU, docs/gpu.md), the CPU kernels elsewhere; triton on a CPU only under TRITON_INTERPRET=1")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="batch-invariant decode (default on): a sequence decoded among others gets the same "
                         "bits, so the same text, as alone; --no-deterministic multiplies a batch's rows in one "
                         "GEMM, faster with large float32 layers (F16/F32 weights), see docs/server.md")
     g.add_argument("--cache-type-k", "-ctk", dest="cache_type_k", choices=CACHE_TYPES, default=None,
-                   help=f"KV cache type for keys (default {DEFAULT_CACHE_TYPE}; q8_0: 8-bit blocks of 32, ~53 %% of bf16)")
+                   help=f"KV cache type for keys (default {DEFAULT_CACHE_TYPE}, {REFERENCE_CACHE_TYPE} with --reference-math; q8_0: 8-bit blocks of 32, ~53 %% of bf16)")
     g.add_argument("--cache-type-v", "-ctv", dest="cache_type_v", choices=CACHE_TYPES, default=None,
                    help=f"KV cache type for values (default {DEFAULT_CACHE_TYPE})")
     g.add_argument("--quantkv", type=int, choices=(0, 1), default=None,
@@ -126,14 +129,17 @@ def load_from_args(args: argparse.Namespace, **kwargs):
         inductor_cache()
     kwargs.setdefault("batch_invariant", getattr(args, "deterministic", None) is not False)
     kwargs.setdefault("cache_types", cache_types(args))
+    kwargs.setdefault("kernels", getattr(args, "kernels", "auto"))
     return load_model(path, device=device, context=args.ctx, **kwargs)
 
 
 def cache_types(args: argparse.Namespace) -> tuple[str, str]:
-    """(keys, values) from --cache-type-k / -v, else koboldcpp's --quantkv, else the default."""
+    """(keys, values) from --cache-type-k / -v, else koboldcpp's --quantkv, else the default
+    (float32 with --reference-math)."""
     quantkv = getattr(args, "quantkv", None)
-    fallback = DEFAULT_CACHE_TYPE if quantkv is None else ("f16", "q8_0")[quantkv]
-    return getattr(args, "cache_type_k", None) or fallback, getattr(args, "cache_type_v", None) or fallback
+    default = default_cache_types(bool(getattr(args, "reference_math", False)))
+    k, v = default if quantkv is None else (("f16", "q8_0")[quantkv],) * 2
+    return getattr(args, "cache_type_k", None) or k, getattr(args, "cache_type_v", None) or v
 
 
 def inductor_cache() -> None:

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..cache_types import DEFAULT_CACHE_TYPE
+from ..cache_types import REFERENCE_CACHE_TYPE
 from .config import ModelConfig
 from .kv_cache import DEFAULT_BLOCK_SIZE, BlockView, KVCache, KVPool
 from .layers import Attention, FeedForward, RMSNorm, Rotary, attention_mask
@@ -167,7 +167,7 @@ class DecoderModel(nn.Module):
         memory is not cleared (nor, on a CPU, made resident) until a block is used: the block
         manager clears each block it hands out.
         """
-        self.cache_types = cache_types or getattr(self, "cache_types", (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE))
+        self.cache_types = cache_types or getattr(self, "cache_types", (REFERENCE_CACHE_TYPE,) * 2)
         cfg = self.config
         device = self.output_norm.weight.device
         factors = self.rope_freqs

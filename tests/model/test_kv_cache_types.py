@@ -122,7 +122,8 @@ def test_flags_reach_the_model(model_file, tiny_model):
     from nkat_runtime.cli import common
     from nkat_runtime.cli.generate import build_parser
 
-    for flags, kinds in (([], ("f32", "f32")), (["-ctk", "q8_0", "-ctv", "bf16"], ("q8_0", "bf16")),
+    for flags, kinds in (([], ("bf16", "bf16")), (["--reference-math"], ("f32", "f32")),
+                         (["--reference-math", "-ctv", "q8_0"], ("f32", "q8_0")), (["-ctk", "q8_0", "-ctv", "bf16"], ("q8_0", "bf16")),
                          (["--quantkv", "1"], ("q8_0", "q8_0")), (["--quantkv", "0", "-ctv", "f32"], ("f16", "f32"))):
         args = build_parser().parse_args(["--model", str(model_file), *flags])
         assert common.load_from_args(args, progress=False).model.layers[0].cache.types == kinds

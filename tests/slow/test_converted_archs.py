@@ -68,7 +68,8 @@ def _ids(n: int, seed: int = 0) -> list[int]:
 def _ours(path, ids: list[int], reference: bool, one_by_one: bool = False) -> torch.Tensor:
     """Logits [T, vocab]; ``one_by_one`` feeds a token per step (the decode kernels, not the
     prefill path's float32 GEMM)."""
-    lm = load_model(path, device="cpu", context=len(ids), progress=False, reference=reference, layout_cache=False)
+    lm = load_model(path, device="cpu", context=len(ids), progress=False, reference=reference, layout_cache=False,
+                    cache_types=("f32", "f32"))  # the weights' paths compared, not the cache's types
     with torch.no_grad():
         if not one_by_one:
             return lm.model(torch.tensor([ids]), torch.arange(len(ids)))[0].float()

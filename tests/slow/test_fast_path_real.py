@@ -26,7 +26,7 @@ MODELS = ["gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-13
 @pytest.fixture(scope="module", params=MODELS)
 def both(request, model_path):
     path = model_path(request.param)
-    fast = load_model(path, device="cpu", context=512, progress=False)
+    fast = load_model(path, device="cpu", context=512, progress=False, cache_types=("f32", "f32"))  # weights, not cache
     ref = load_model(path, device="cpu", context=512, progress=False, reference=True)
     yield request.param, fast, ref
     del fast, ref
@@ -80,9 +80,10 @@ def test_real_model_logits_match_reference(both, capsys):
 
 
 def test_compiled_decode_matches_eager(tiny_model, inductor_cache):
-    path = tiny_model("gemma3")
-    eager = load_model(path, context=64, progress=False)
-    compiled = load_model(path, context=64, progress=False, compile=True)
+    path = tiny_model("llama")  # 2 layers: compiling gemma3's 6 took 133 s of the slow tier
+    # float32 cache: inductor does not round the fused bf16 store-and-read as eager does (2e-3 apart)
+    eager = load_model(path, context=64, progress=False, cache_types=("f32", "f32"))
+    compiled = load_model(path, context=64, progress=False, compile=True, cache_types=("f32", "f32"))
     seq = torch.randint(3, eager.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
     for lm in (eager, compiled):
         lm.model(seq[:, :8], torch.arange(8))
