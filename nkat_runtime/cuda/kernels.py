@@ -24,9 +24,8 @@ import triton
 import triton.language as tl
 
 from .dequant import TYPES, weights
+from .ops import GEMV_MAX_ROWS  # noqa: F401  (the one threshold; ops imports this module lazily)
 
-#: rows up to which the GEMV runs (vLLM's MMVQ takes ≤ 2–8, gemlite's GEMV 1)
-GEMV_MAX_ROWS = 8
 #: tile shapes, chosen so that no kernel spills registers on sm_80–90 (``aot.py`` checks):
 #: GEMV (BLOCK_N, BLOCK_K) by BLOCK_M (rows padded to a power of two)
 GEMV_TILES = {1: (32, 64), 2: (32, 64), 4: (32, 64), 8: (16, 32)}
@@ -64,7 +63,7 @@ def _gemm(x, w, out, M, N, K, row_bytes, stride_xm, stride_om,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M·K and M·N may pass 2^31
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -142,8 +141,10 @@ def dequantize(w: torch.Tensor, qtype: int, n: int, k: int, dtype: torch.dtype =
     """W [n, k] as ``dtype`` (into ``out``, a scratch buffer of at least n·k, when given)."""
     qk, ts = _check(w, qtype, n, k)
     block_n, block_k = DEQUANT_TILE
+    if out is not None and not out.is_contiguous():
+        raise ValueError("dequantize: out must be contiguous")
     dst = torch.empty(n * k, dtype=dtype, device=w.device) if out is None else out
-    dst = dst.reshape(-1)[: n * k].view(n, k)
+    dst = dst.view(-1)[: n * k].view(n, k)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize[grid](w, dst, n, k, w.shape[1], dst.stride(0), QTYPE=qtype, QK=qk, TS=ts,
                       BLOCK_N=block_n, BLOCK_K=block_k, num_warps=WARPS["dequantize"])

@@ -24,7 +24,10 @@ from .. import quant
 from ..gguf.reader import TensorRef
 from ..model.fused import DENSE_FROM_ROWS
 
+#: rows up to which the GEMV runs (vLLM's MMVQ takes ≤ 2–8, gemlite's GEMV 1)
 GEMV_MAX_ROWS = 8
+#: float32 weights dequantised at a time for a GEMM of many rows (64 MiB)
+DENSE_CHUNK = 1 << 24
 
 
 def _interpreted() -> bool:
@@ -44,7 +47,13 @@ def gguf_mm(x: torch.Tensor, w: torch.Tensor, qtype: int, n: int) -> torch.Tenso
         return kernels.gemv(x, w, qtype, n)
     if m < DENSE_FROM_ROWS:
         return kernels.gemm(x, w, qtype, n)
-    return F.linear(x, kernels.dequantize(w, qtype, n, k))
+    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    step = max(64, DENSE_CHUNK // k)  # a chunk of W's rows at a time: an LM head is GBs as float32
+    scratch = torch.empty(min(step, n) * k, dtype=torch.float32, device=x.device)
+    for r in range(0, n, step):
+        rows = min(step, n - r)
+        torch.mm(x, kernels.dequantize(w[r : r + rows], qtype, rows, k, out=scratch).T, out=out[:, r : r + rows])
+    return out
 
 
 @gguf_mm.register_fake
@@ -56,14 +65,17 @@ def triton_types() -> frozenset[int]:
     """The GGML types the kernels read (empty when triton is not installed)."""
     try:
         from .dequant import TYPES
-    except ImportError:
+    except Exception:  # noqa: BLE001  (no triton, or a broken install: the CPU kernels serve)
         return frozenset()
     return frozenset(TYPES)
 
 
 class GGUFLinear(nn.Module):
     """``y = x·Wᵀ (+ b)`` with W kept as the file's bytes on the device: VRAM for a weight equals
-    its size in the file."""
+    its size in the file. Not batch-invariant: the tile shapes (so the order of a row's sums)
+    follow the number of rows (``rows_alone``, read by ``DecoderModel.batch_invariant``)."""
+
+    rows_alone = False
 
     def __init__(self, ref: TensorRef, device: torch.device, bias: torch.Tensor | None = None) -> None:
         super().__init__()

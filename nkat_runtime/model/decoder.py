@@ -153,8 +153,10 @@ class DecoderModel(nn.Module):
 
     @property
     def batch_invariant(self) -> bool:
-        """Whether every row-local layer computes its rows alone (``set_batch_invariant``)."""
-        return all(m.row_local for m in self.modules() if isinstance(m, RowLocal))
+        """Whether every row-local layer computes its rows alone (``set_batch_invariant``), and no
+        layer's rows depend on the batch anyway (``rows_alone = False``: the Triton kernels)."""
+        return all(m.row_local for m in self.modules() if isinstance(m, RowLocal)) and all(
+            getattr(m, "rows_alone", True) for m in self.modules())
 
     def setup_caches(self, max_batch: int, max_seq: int, cache_types: tuple[str, str] | None = None, *,
                      n_blocks: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, lazy: bool = False) -> None:
@@ -235,13 +237,16 @@ class DecoderModel(nn.Module):
         logits_from: int = 0,
         rows: list[int] | None = None,
         tables: list[list[int]] | None = None,
+        lengths: list[int] | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] at positions ``input_pos`` [T] (or [B, T], one row per sequence) →
         float32 logits [B, T'', V].
 
         Each sequence's cache is its block table in ``tables``, or the cache row named in ``rows``
-        (default 0 .. B-1). ``last_only`` keeps the last position only; ``logits_from`` skips the
-        first positions (the LM head is the largest matmul: perplexity needs only the second half).
+        (default 0 .. B-1). ``lengths``: each sequence's cached length after this pass, when the
+        caller knows it (a batched decode step then reads nothing back from the device).
+        ``last_only`` keeps the last position only; ``logits_from`` skips the first positions (the
+        LM head is the largest matmul: perplexity needs only the second half).
         """
         if kv_len is None:
             kv_len = int(input_pos.max()) + 1
@@ -255,7 +260,8 @@ class DecoderModel(nn.Module):
             tables = [self.row_table(r) for r in (rows if rows is not None else range(tokens.shape[0]))]
         if input_pos.dim() == 2 and tokens.shape[0] > 1 and tokens.shape[1] == 1:
             # batched decode: every sequence gets the mask it would get alone (see Attention)
-            lengths = [p + 1 for p in input_pos[:, 0].tolist()]
+            if lengths is None:
+                lengths = [p + 1 for p in input_pos[:, 0].tolist()]
             mask_global: torch.Tensor | list | None = [attention_mask(input_pos[b : b + 1], n)
                                                        for b, n in enumerate(lengths)]
             mask_local: torch.Tensor | list | None = [attention_mask(input_pos[b : b + 1], n, cfg.sliding_window)

@@ -361,8 +361,9 @@ class Scheduler:
             return
         dev = self.lm.device
         tokens = torch.tensor([[t.feed.token] for t in batch], dtype=torch.long, device=dev)  # type: ignore[union-attr]
-        pos = torch.tensor([[len(t.slot.tokens)] for t in batch], dtype=torch.long, device=dev)  # type: ignore[union-attr]
-        logits = self.lm.model(tokens, pos, kv_len=int(pos.max()) + 1,
+        at = [len(t.slot.tokens) for t in batch]  # type: ignore[union-attr]
+        pos = torch.tensor([[p] for p in at], dtype=torch.long, device=dev)
+        logits = self.lm.model(tokens, pos, kv_len=max(at) + 1, lengths=[p + 1 for p in at],
                                tables=[t.slot.table for t in batch])[:, -1]  # type: ignore[union-attr]
         self.decode_steps += 1
         self.peak_batch = max(self.peak_batch, len(batch))

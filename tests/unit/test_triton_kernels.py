@@ -57,7 +57,7 @@ def _padded_rows(m: int, k: int, seed: int) -> torch.Tensor:
     return x
 
 
-CASES = [(q, m) for q in F16_AT for m in (1, 3, 5, 20)]
+CASES = [(q, m) for q in F16_AT for m in (1, 3, 5, 20, 40)]  # 40: the GEMM's 32-row tile
 
 
 @pytest.mark.parametrize("qtype,rows", CASES, ids=[f"{q.name}-{m}" for q, m in CASES])
@@ -85,13 +85,14 @@ def test_dequantize_is_gguf_py_to_the_bit(cuda_pkg, qtype):
     assert np.array_equal(got.numpy(), quants.dequantize(b, qtype))
 
 
-def test_operator_picks_a_kernel_by_rows_and_has_a_fake(cuda_pkg):
+def test_operator_picks_a_kernel_by_rows_and_has_a_fake(cuda_pkg, monkeypatch):
     _, ops = cuda_pkg
-    n, k = 40, 256
+    monkeypatch.setattr(ops, "DENSE_CHUNK", 64 * 256)  # W's 150 rows dequantised 64, 64, 22 at a time
+    n, k = 150, 256
     b = _blocks(T.Q4_K, n, k)
     w = torch.from_numpy(b)
     ref = quants.dequantize(b, T.Q4_K).astype(np.float64)
-    for rows in (1, 9, 300):  # the GEMV, the fused GEMM, dequantise + GEMM
+    for rows in (1, 9, 300):  # the GEMV, the fused GEMM, dequantise + GEMM (in chunks of 64 rows of W)
         x = torch.randn(rows, k)
         got = torch.ops.nkat.gguf_mm(x, w, int(T.Q4_K), n)
         want = x.double().numpy() @ ref.T
@@ -110,6 +111,7 @@ def test_tiny_model_on_the_kernels_equals_the_reference(cuda_pkg, tiny_model):
     ref = load_model(path, device="cpu", context=32, progress=False, reference=True)
     tri = load_model(path, device="cpu", context=32, progress=False, kernels="triton", cache_types=("f32", "f32"))
     assert sum(type(m).__name__ == "GGUFLinear" for m in tri.model.modules()) >= 10
+    assert not tri.model.batch_invariant  # the kernels' tiles follow the batch: said, not promised
     ids = torch.tensor([[1, 262, 260, 270, 265, 274]])
     with torch.no_grad():
         for tokens, pos in ((ids, torch.arange(6)), (ids[:, :1], torch.tensor([6]))):
