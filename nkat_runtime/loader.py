@@ -88,6 +88,7 @@ class GGUFWeights:
         self.triton = triton_types() if fast and triton else frozenset()
         self.int4 = fast and not triton and int4.int4_available(device)
         self._table: torch.Tensor | None = None
+        self._embedding: nn.Module | None = None
         options = f"int4={self.int4}|{sorted(INT4_PARTS.items())}"
         self.layouts = LayoutCache.open(gguf.path, device, options) if fast and layout_cache and not triton else None
 
@@ -117,7 +118,8 @@ class GGUFWeights:
             ref = self.gguf.tensor(name + ".weight")
             if self.progress is not None:
                 self.progress.update(1)
-            return QuantEmbedding(ref, self.device, self.dtype)
+            self._embedding = QuantEmbedding(ref, self.device, self.dtype)
+            return self._embedding
         self._table = self._load(name + ".weight", self.dtype)
         return DenseEmbedding(self._table)
 
@@ -197,6 +199,10 @@ class GGUFWeights:
 
     def tied_linear(self, name: str) -> nn.Module:
         """The output head that shares the embedding table ``name``."""
+        ref = self.gguf.tensor(name + ".weight")
+        table = getattr(self._embedding, "table", None)
+        if ref.qtype in self.triton and table is not None and table.device.type == self.device.type:
+            return GGUFLinear(ref, self.device, blocks=table)  # one copy of the bytes for both
         if self.fast:
             return self._matrix(name, None)
         assert self._table is not None, "embedding() first"

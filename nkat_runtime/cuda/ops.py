@@ -77,11 +77,14 @@ class GGUFLinear(nn.Module):
 
     rows_alone = False
 
-    def __init__(self, ref: TensorRef, device: torch.device, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, ref: TensorRef, device: torch.device, bias: torch.Tensor | None = None,
+                 blocks: torch.Tensor | None = None) -> None:
+        """``blocks``: the bytes already on the device (a tied head shares its embedding's)."""
         super().__init__()
         self.out_features, self.in_features = ref.shape
-        raw = ref.raw_tensor().view(self.out_features, -1)
-        self.register_buffer("blocks", raw.to(device=device, copy=True), persistent=False)
+        if blocks is None:
+            blocks = ref.raw_tensor().view(self.out_features, -1).to(device=device, copy=True)
+        self.register_buffer("blocks", blocks, persistent=False)
         self.qtype, self.type_name = int(ref.qtype), ref.type_name
         self.bias = None if bias is None else nn.Parameter(bias.float().to(device), requires_grad=False)
         self.file_bytes = ref.nbytes

@@ -140,3 +140,18 @@ def test_triton_on_a_cpu_needs_the_interpreter(tiny_model, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(UnsupportedError, match="run on CUDA"):
         load_model(tiny_model("llama"), context=16, progress=False, kernels="triton")
+
+
+def test_a_tied_head_shares_the_embeddings_bytes(cuda_pkg, tiny_model):
+    from nkat_runtime.loader import load_model
+
+    lm = load_model(tiny_model("gemma3"), device="cpu", context=16, progress=False, kernels="triton",
+                    cache_types=("f32", "f32"))
+    assert type(lm.model.output).__name__ == "GGUFLinear"
+    assert lm.model.output.blocks.data_ptr() == lm.model.token_embd.table.data_ptr()
+    ref = load_model(tiny_model("gemma3"), device="cpu", context=16, progress=False, reference=True)
+    ids = torch.tensor([[1, 262, 270]])
+    with torch.no_grad():
+        a = ref.model(ids, torch.arange(3))
+        b = lm.model(ids, torch.arange(3))
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5
