@@ -77,7 +77,7 @@ def random_blocks(qtype: int, n: int, k: int, device, seed: int = 0):
     return torch.from_numpy(random_blocks_np(qtype, n, k, np.random.default_rng(seed))).to(device)
 
 
-def stage_ceilings(report, dev, sync, dry: bool) -> float | None:
+def stage_ceilings(report, dev, sync) -> float | None:
     import torch
 
     if dev.type != "cuda":
@@ -241,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before torch imports triton
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import triton
 
     import nkat_runtime.cuda.ops  # noqa: F401  (registers torch.ops.nkat.gguf_mm)
@@ -264,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             if name == "ceilings":
-                copy_gbs = stage_ceilings(report, dev, sync, args.dry_run)
+                copy_gbs = stage_ceilings(report, dev, sync)
             elif name == "correctness":
                 ok &= stage_correctness(report, dev, args.dry_run)
             elif name == "bandwidth":

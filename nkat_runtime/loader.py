@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import quant
 from .cache_types import default_cache_types
+from .cuda import KERNELS
 from .cuda.ops import GGUFLinear, triton_types
 from .errors import ModelFormatError, UnsupportedError
 from .gguf.reader import GGUFFile, TensorRef, open_gguf
@@ -257,14 +258,19 @@ def trim_heap() -> None:
 
 def use_triton(kernels: str, device: torch.device) -> bool:
     """Whether weights take the Triton kernels (``load_model``'s ``kernels``)."""
-    if kernels not in ("auto", "triton", "cpu"):
-        raise ValueError(f"kernels must be auto, triton or cpu, not {kernels!r}")
-    if kernels == "triton" and not triton_types():
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be {', '.join(KERNELS)}, not {kernels!r}")
+    if kernels == "cpu" or (kernels == "auto" and device.type != "cuda"):
+        return False
+    available = bool(triton_types())
+    if kernels == "auto":
+        return available
+    if not available:
         raise UnsupportedError("the Triton kernels need the triton package (pip install triton)")
-    if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UnsupportedError(f"the Triton kernels run on CUDA, not on {device.type} (TRITON_INTERPRET=1 "
                                "runs them on the CPU, slowly: for tests)")
-    return kernels == "triton" or (kernels == "auto" and device.type == "cuda" and bool(triton_types()))
+    return True
 
 
 def pick_device(device: str | None = None, no_cuda: bool = False) -> torch.device:

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from .. import bundled
 from ..cache_types import CACHE_TYPES, DEFAULT_CACHE_TYPE, REFERENCE_CACHE_TYPE, default_cache_types
+from ..cuda import KERNELS
 from ..errors import NKATError
 
 EXIT_USAGE = 2
@@ -32,7 +33,7 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU, Gemma 3 270M: measured 1.14-1.6x faster decode, "
                         "at 85-140 s of compiling at load; see docs/fast-path.md)")
-    g.add_argument("--kernels", choices=("auto", "triton", "cpu"), default="auto",
+    g.add_argument("--kernels", choices=KERNELS, default="auto",
                    help="quantised weights' kernels: auto = Triton over the GGUF blocks on CUDA (not yet run on a "
                         "GPU, docs/gpu.md), the CPU kernels elsewhere; triton on a CPU only under TRITON_INTERPRET=1")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,

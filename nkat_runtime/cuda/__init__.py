@@ -2,3 +2,6 @@
 ``kernels.py``) and the torch operator that picks one per shape (``ops.py``).
 
 Nothing here needs a GPU to import except through triton; the CPU path never imports it."""
+
+#: ``load_model``'s / ``--kernels`` choices
+KERNELS = ("auto", "triton", "cpu")

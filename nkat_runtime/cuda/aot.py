@@ -26,7 +26,7 @@ from pathlib import Path
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 MAX_REGISTERS = 255
 
-#: the launch shapes ``kernels.py`` uses: (kernel, its int arguments' names, constexprs)
+#: each kernel's integer arguments, in order (its pointers and constexprs are set in ``compile_one``)
 _INTS = {"gemv": ("M", "N", "K", "row_bytes", "k_per_split", "stride_xm", "stride_os", "stride_om"),
          "gemm": ("M", "N", "K", "row_bytes", "stride_xm", "stride_om"),
          "dequantize": ("N", "K", "row_bytes", "stride_o")}
@@ -102,11 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cc", default="80,86,89,90", help="compute capabilities, comma-separated")
     p.add_argument("--types", default=",".join(T(t).name for t in TYPES), help="GGML types, comma-separated")
     p.add_argument("--kernels", default=",".join(_INTS))
-    p.add_argument("--largest", action="store_true", help="only each kernel's largest tile (the most registers)")
     args = p.parse_args(argv)
     shapes = launches()
-    if args.largest:
-        shapes = {name: tiles[-1:] for name, tiles in shapes.items()}
     bad = 0
     for name in args.types.split(","):
         for kernel in args.kernels.split(","):

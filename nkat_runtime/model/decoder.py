@@ -155,8 +155,7 @@ class DecoderModel(nn.Module):
     def batch_invariant(self) -> bool:
         """Whether every row-local layer computes its rows alone (``set_batch_invariant``), and no
         layer's rows depend on the batch anyway (``rows_alone = False``: the Triton kernels)."""
-        return all(m.row_local for m in self.modules() if isinstance(m, RowLocal)) and all(
-            getattr(m, "rows_alone", True) for m in self.modules())
+        return all(m.row_local if isinstance(m, RowLocal) else getattr(m, "rows_alone", True) for m in self.modules())
 
     def setup_caches(self, max_batch: int, max_seq: int, cache_types: tuple[str, str] | None = None, *,
                      n_blocks: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, lazy: bool = False) -> None:

@@ -6,6 +6,7 @@ sm_86 to check that no kernel spills registers or overflows shared memory (``cud
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -16,10 +17,11 @@ from gguf.constants import GGMLQuantizationType as T
 pytest.importorskip("triton")
 
 from aotcheck import aot  # noqa: E402
+from paths import REPO  # noqa: E402
 
-#: where each type's float16 fields lie in a block (random bytes there could be inf or NaN)
-F16_AT = {T.Q4_0: (0,), T.Q5_0: (0,), T.Q8_0: (0,), T.Q4_1: (0, 2), T.Q5_1: (0, 2), T.Q2_K: (80, 82),
-          T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+sys.path.insert(0, str(REPO / "benchmarks"))
+from synthetic_gguf import F16_FIELDS, random_blocks_np  # noqa: E402  (the blocks gpu_check times)
+
 PAD = 3  # rows of NaN bytes around a weight, rows and columns of NaN around the activations
 
 
@@ -35,12 +37,7 @@ def cuda_pkg():
 
 def _blocks(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
     """Random blocks of ``qtype`` for an [n, k] weight, with finite scales: uint8 [n, row_bytes]."""
-    rng = np.random.default_rng(seed)
-    qk, ts = quants.GGML_QUANT_SIZES[qtype]
-    b = rng.integers(0, 256, size=(n, k // qk, ts), dtype=np.uint8)
-    for at in F16_AT[qtype]:
-        b[..., at : at + 2] = (rng.standard_normal((n, k // qk, 1)) * 0.05).astype(np.float16).view(np.uint8)
-    return b.reshape(n, -1)
+    return random_blocks_np(qtype, n, k, np.random.default_rng(seed))
 
 
 def _padded_weight(b: np.ndarray) -> torch.Tensor:
@@ -57,7 +54,7 @@ def _padded_rows(m: int, k: int, seed: int) -> torch.Tensor:
     return x
 
 
-CASES = [(q, m) for q in F16_AT for m in (1, 3, 5, 20, 40)]  # 40: the GEMM's 32-row tile
+CASES = [(q, m) for q in F16_FIELDS for m in (1, 3, 5, 20, 40)]  # 40: the GEMM's 32-row tile
 
 
 @pytest.mark.parametrize("qtype,rows", CASES, ids=[f"{q.name}-{m}" for q, m in CASES])
@@ -75,7 +72,7 @@ def test_product_equals_gguf_py(cuda_pkg, qtype, rows):
     assert err < 1e-5, f"{qtype.name} × {rows} rows: {err:.2e}"
 
 
-@pytest.mark.parametrize("qtype", list(F16_AT), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
 def test_dequantize_is_gguf_py_to_the_bit(cuda_pkg, qtype):
     kernels, _ = cuda_pkg
     qk = quants.GGML_QUANT_SIZES[qtype][0]
