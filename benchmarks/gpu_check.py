@@ -223,12 +223,43 @@ def stage_model(report, dev, sync, dry: bool) -> None:
                 sync()
                 report("model_decode", streams=streams, steps=steps,
                        aggregate_tok_s=round(streams * steps / (time.perf_counter() - t0), 1))
+            decode_graphs(report, lm.model, dev, sync, dry)
             n = 9 if dry else 512
             ids = torch.ones(1, n, dtype=torch.long, device=dev)
             s = timed(lambda: lm.model(ids, torch.arange(n, device=dev), last_only=True), 1 if dry else 3, sync)
             report("model_prefill", tokens=n, tok_s=round(n / s, 1))
         if dev.type == "cuda":
             report("model_memory", peak_allocated_bytes=torch.cuda.max_memory_allocated())
+
+
+def decode_graphs(report, model, dev, sync, dry: bool) -> None:
+    """Decode steps through CUDA graphs (the padded step eagerly on the CPU), 1 to 64 streams, and
+    a graph's logits against the eager model's at the same position."""
+    import torch
+
+    from nkat_runtime.model.graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(model, model.kv.n_blocks - 1, capture=dev.type == "cuda")  # the pool's spare block
+    steps = 2 if dry else 128
+    for streams in ((1, 2) if dry else (1, 8, 32, 64)):
+        tables = [model.row_table(r) for r in range(streams)]
+        t0 = time.perf_counter()
+        for i in range(steps):  # the first pass captures each table width it meets
+            graphs([1] * streams, [i] * streams, tables)
+        sync()
+        captured = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(steps):
+            graphs([1] * streams, [i] * streams, tables)
+        sync()
+        report("model_decode_graphs", streams=streams, steps=steps, captured=graphs.capture,
+               graphs=len(graphs.steps), first_pass_s=round(captured, 2),
+               aggregate_tok_s=round(streams * steps / (time.perf_counter() - t0), 1))
+    tok = torch.tensor([[1]], device=dev)
+    eager = model(tok, torch.tensor([[steps]], device=dev), kv_len=steps + 1, lengths=[steps + 1], tables=tables[:1])
+    replay = graphs([1], [steps], tables[:1])
+    report("model_graph_logits", max_abs_diff=float((eager[:, -1] - replay).abs().max()),
+           logit_scale=float(eager.abs().max()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,8 @@ DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 5001, "max_queue": 6, "
                             "default_max_tokens": 512, "no_cuda": False, "no_theta": False, "parallel": 0,
                             "cache_reuse": 32, "noshift": False, "keep": -1, "cache_ram": 1024.0,
                             "body_timeout": 60.0, "deterministic": True, "reasoning_format": "none",
-                            "chat_template_kwargs": "{}", "kv_pool": "0", "kv_block_size": 32}
+                            "chat_template_kwargs": "{}", "kv_pool": "0", "kv_block_size": 32,
+                            "decode_graphs": "auto"}
 # [server] key -> argparse attribute (the flags' own names, plus KoboldCpp's spellings)
 SERVER_KEYS = {
     "model": "model", "contextsize": "ctx", "ctx": "ctx", "device": "device", "threads": "threads",
@@ -36,7 +37,7 @@ SERVER_KEYS = {
     "cache_ram": "cache_ram", "body_timeout": "body_timeout", "deterministic": "deterministic",
     "reasoning_format": "reasoning_format", "chat_template_kwargs": "chat_template_kwargs",
     "cache_type_k": "cache_type_k", "cache_type_v": "cache_type_v", "quantkv": "quantkv",
-    "kv_pool": "kv_pool", "kv_block_size": "kv_block_size",
+    "kv_pool": "kv_pool", "kv_block_size": "kv_block_size", "decode_graphs": "decode_graphs",
 }
 TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "password": (str,), "theta_gamma": (int, float), "no_theta": (bool,),
@@ -45,7 +46,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "cache_reuse": (int,), "noshift": (bool,), "keep": (int,), "cache_ram": (int, float),
     "body_timeout": (int, float), "deterministic": (bool,), "reasoning_format": (str,),
     "chat_template_kwargs": (str,), "cache_type_k": (str,), "cache_type_v": (str,), "quantkv": (int,),
-    "kv_pool": (str, int), "kv_block_size": (int,),
+    "kv_pool": (str, int), "kv_block_size": (int,), "decode_graphs": (str,),
 }
 
 
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "28 x 2 x 2 x 128 x 2 = 28 KiB), and a prompt prefix several requests share is held once")
     b.add_argument("--kv-block-size", type=int, default=None,
                    help="tokens per KV block (default 32): the unit of allocation and of prefix sharing")
+    b.add_argument("--decode-graphs", choices=("auto", "on", "off"), default=None,
+                   help="replay decode steps as CUDA graphs, one per batch and table-width bucket (default auto = "
+                        "on a CUDA device; 'on' elsewhere runs the same padded step without graphs)")
     c = p.add_argument_group("chat")
     c.add_argument("--reasoning-format", choices=REASONING_FORMATS, default=None,
                    help="where a chat reply's <think>...</think> goes: none = left in the content (default), "
@@ -133,6 +137,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.kv_pool_size = parse_pool(str(args.kv_pool))
     if not 1 <= args.kv_block_size <= 4096:
         raise ValueError("--kv-block-size must be in 1..4096 tokens")
+    if args.decode_graphs not in ("auto", "on", "off"):
+        raise ValueError(f"--decode-graphs must be auto, on or off, got {args.decode_graphs!r}")
     if args.password == "":
         args.password = None
     for key in ("cache_type_k", "cache_type_v"):
@@ -241,7 +247,8 @@ def build_state(args: argparse.Namespace):
                             context_shift=not args.noshift, n_keep=args.keep,
                             cache_ram_bytes=int(args.cache_ram * 2**20),
                             pool_tokens=pool_tokens(args.kv_pool_size, lm.model.kv_bytes_per_token()),
-                            block_size=args.kv_block_size)
+                            block_size=args.kv_block_size,
+                            decode_graphs={"auto": None, "on": True, "off": False}[args.decode_graphs])
     engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, config=sched,
                     chat_defaults=args.chat_defaults)
     config = ServerConfig(password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024),

@@ -4,7 +4,8 @@ tiny generated GGUF files, one inductor cache per run.
 Tiers: ``python -m pytest -q`` runs everything not marked ``slow`` (unit/, model/, server/:
 tiny generated models plus a few real-model smoke tests); ``python -m pytest -q -m slow`` runs
 slow/ (real models against transformers and llama.cpp, 40-chunk perplexities, writers killed
-mid-write, the long fuzz, the instruction-set matrix).
+mid-write, the long fuzz, the instruction-set matrix) and the tests marked ``slow`` where they
+sit (the longer cases of a fast test: more models, more examples, whole optimiser studies).
 
 With ``CI`` set, a test that would be skipped (a missing model, dependency, shared file or
 reference) fails instead: CI must prove what it claims to run.

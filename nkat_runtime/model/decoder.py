@@ -16,7 +16,7 @@ from torch import nn
 
 from ..cache_types import REFERENCE_CACHE_TYPE
 from .config import ModelConfig
-from .kv_cache import DEFAULT_BLOCK_SIZE, BlockView, KVCache, KVPool
+from .kv_cache import DEFAULT_BLOCK_SIZE, BlockView, KVCache, KVPool, PaddedView
 from .layers import Attention, FeedForward, RMSNorm, Rotary, attention_mask
 from .linear import RowLocal
 from .moe import MoEFeedForward
@@ -92,7 +92,7 @@ class Block(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | list | None,
-                view: BlockView) -> torch.Tensor:
+                view: BlockView | PaddedView) -> torch.Tensor:
         assert self.cache is not None, "call setup_caches() first"
         h = self.attn(self.attn_norm(x), pos, self.cache, mask, view)
         if self.post_attention_norm is not None:
@@ -285,16 +285,26 @@ class DecoderModel(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def _layers(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | list | None,
-                mask_local: torch.Tensor | list | None, view: BlockView) -> torch.Tensor:
+                mask_local: torch.Tensor | list | None, view: BlockView | PaddedView) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, pos, mask_local if layer.is_swa else mask_global, view)
         return x
 
     def _decode(self, x: torch.Tensor, pos: torch.Tensor, mask_global: torch.Tensor | list | None,
-                mask_local: torch.Tensor | list | None, view: BlockView) -> torch.Tensor:
+                mask_local: torch.Tensor | list | None, view: BlockView | PaddedView) -> torch.Tensor:
         """One decode step after the embedding: what ``compile_decode`` compiles."""
         x = self._layers(x, pos, mask_global, mask_local, view)
         return self._logits(x)
+
+    def decode_padded(self, tokens: torch.Tensor, pos: torch.Tensor, view: PaddedView) -> torch.Tensor:
+        """One decode step of B sequences, ``tokens`` [B] at positions ``pos`` [B], through a
+        padded view → logits [B, V], in device operations only (what :mod:`.graphs` captures)."""
+        cfg = self.config
+        x = self.token_embd(tokens[:, None])
+        if cfg.embed_scale != 1.0:
+            x = x * cfg.embed_scale
+        mask_local = view.mask(cfg.sliding_window) if any(cfg.swa_layers) else None
+        return self._decode(x, pos[:, None], view.mask(), mask_local, view)[:, -1]
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps (one token per sequence) through ``torch.compile``.

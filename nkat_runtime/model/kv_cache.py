@@ -114,6 +114,35 @@ class BlockView:
                 self.seqs.append(SeqBlocks(n, None, count, t[:count]))
 
 
+@dataclass
+class PaddedView:
+    """A decode step's block tables as device tensors of a fixed shape, the form a CUDA graph
+    replays: row ``b`` writes its new entry at flat slot ``write[b]`` and reads positions
+    ``0 .. lengths[b] - 1`` through ``table[b]`` ([B, M] blocks; the entries past a row's last
+    block name a block that row may read, and are masked)."""
+
+    write: torch.Tensor  # [B]
+    table: torch.Tensor  # [B, M]
+    lengths: torch.Tensor  # [B]
+    block_size: int
+
+    @classmethod
+    def of(cls, table: torch.Tensor, pos: torch.Tensor, block_size: int) -> "PaddedView":
+        """The view of one decode step at positions ``pos`` [B] (device ops only: no host sync)."""
+        write = table.gather(1, (pos // block_size)[:, None])[:, 0] * block_size + pos % block_size
+        return cls(write, table, pos + 1, block_size)
+
+    def mask(self, window: int = 0) -> torch.Tensor:
+        """[B, 1, 1, M * block_size]: key s is visible to row b's query when s < lengths[b] (and
+        within ``window`` of it)."""
+        keys = torch.arange(self.table.shape[1] * self.block_size, device=self.table.device)[None, :]
+        n = self.lengths[:, None]
+        allowed = keys < n
+        if window > 0:
+            allowed = allowed & (n - 1 - keys < window)
+        return allowed[:, None, None, :]
+
+
 def _through(table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
     """The flat slot (``block * block_size + offset``) of each position of ``pos`` through ``table``."""
     return table[pos // block_size] * block_size + pos % block_size
@@ -254,9 +283,27 @@ class KVCache:
             out.append(store.decode_float(parts, slot))
         return out[0], out[1]
 
-    def update(self, view: BlockView, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Write the new k/v and return every sequence's keys and values (see :meth:`read`)."""
+    def read_padded(self, view: PaddedView) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's keys and values through its padded table, [B, H_kv, M * block_size, D]
+        (in the cache's float type; gathered into one new tensor per plane)."""
+        B, M = view.table.shape
+        out = []
+        for store in (self.k, self.v):
+            parts = []
+            for plane in store.planes:
+                p = plane[self.layer]  # [H, blocks, block_size, ...]
+                got = p.index_select(1, view.table.reshape(-1))
+                parts.append(got.view(p.shape[0], B, M * p.shape[2], *p.shape[3:]).transpose(0, 1))
+            out.append(store.decode(parts))
+        return out[0], out[1]
+
+    def update(self, view: BlockView | PaddedView, k: torch.Tensor,
+               v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Write the new k/v and return every sequence's keys and values (see :meth:`read`; a
+        padded view gives one pair for the whole batch)."""
         self.write(view.write, k, v)
+        if isinstance(view, PaddedView):
+            return [self.read_padded(view)]
         return [self.read(s, i) for i, s in enumerate(view.seqs)]
 
     # --- positions by table: moves and copies ---------------------------------------------------

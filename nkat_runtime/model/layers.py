@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Yarn
-from .kv_cache import BlockView, KVCache
+from .kv_cache import BlockView, KVCache, PaddedView
 from .linear import RowLocal, is_decode, rowwise
 
 
@@ -138,7 +138,7 @@ class Attention(nn.Module):
         self.attn_q_norm, self.attn_k_norm = q_norm, k_norm
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor | list | None,
-                view: BlockView) -> torch.Tensor:
+                view: BlockView | PaddedView) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.attn_q(x).view(bsz, seqlen, self.n_head, self.head_dim)
         k = self.attn_k(x).view(bsz, seqlen, self.n_head_kv, self.head_dim)
@@ -154,7 +154,7 @@ class Attention(nn.Module):
         q = cache.rotate_q(q)  # as the cached keys are (a quantised cache's Hadamard rotation)
         if isinstance(mask, list):  # batched decode: each sequence attends over its own keys, as it would alone
             out = torch.cat([self._sdpa(q[b : b + 1], k_b, v_b, mask[b]) for b, (k_b, v_b) in enumerate(kv)])
-        elif len(kv) == 1:
+        elif len(kv) == 1:  # one sequence, or a padded decode batch (its mask [B, 1, 1, keys])
             out = self._sdpa(q, *kv[0], mask)
         else:  # sequences of one length (a batched prefill)
             out = self._sdpa(q, torch.cat([k_b for k_b, _ in kv]), torch.cat([v_b for _, v_b in kv]), mask)

@@ -94,14 +94,16 @@ def _penalties(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], 
                               p.presence_penalty, p.frequency_penalty, ids)
 
 
-def sample(
+def candidates(
     logits: torch.Tensor,
     params: SamplingParams,
     history: Sequence[int] = (),
     generator: torch.Generator | None = None,
     state: SamplerState | None = None,
-) -> int:
-    """Pick the next token from one row of logits [V] (see the module docstring for the chain)."""
+) -> int | tuple[torch.Tensor, torch.Tensor]:
+    """The chain on one row of logits [V] up to the draw: the token where the chain decides on
+    its own (greedy, mirostat, everything banned), else the final candidate logits (-inf:
+    removed) and their token ids."""
     p = params
     logits = logits.detach().float().cpu()  # one row; the generator and the id bookkeeping live on the CPU
     x = logits
@@ -135,6 +137,21 @@ def sample(
     vals = sx.xtc_filter(vals, p.xtc_threshold, p.xtc_probability, generator)
     if p.greedy_mode:
         return int(ids[int(torch.argmax(vals))])
+    return vals, ids
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    history: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    state: SamplerState | None = None,
+) -> int:
+    """Pick the next token from one row of logits [V] (see the module docstring for the chain)."""
+    got = candidates(logits, params, history, generator, state)
+    if isinstance(got, int):
+        return got
+    vals, ids = got
     probs = torch.softmax(vals, dim=-1)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
         # extreme settings (a temperature near float max, a zero penalty) overflowed the chain:

@@ -83,6 +83,10 @@ class BlockPool:
         self._clear(block)
         return block
 
+    def reserve(self) -> int:
+        """A cleared block held for good, outside every table (decode graphs' padding rows write there)."""
+        return self._take()
+
     def _drop(self, block: int) -> None:
         self.refs[block] -= 1
         assert self.refs[block] >= 0, f"block {block} released more often than held"

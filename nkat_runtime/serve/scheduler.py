@@ -35,7 +35,9 @@ from typing import Callable
 import torch
 
 from ..loader import LoadedModel
+from ..model.graphs import DecodeGraphs, unsupported
 from ..model.kv_cache import DEFAULT_BLOCK_SIZE
+from ..sampling.batched import sample_batch
 from .block_pool import BlockPool
 from .kv_slots import Slot, SlotCache
 from .sequence import Feed, SequenceRun, common_prefix
@@ -95,6 +97,7 @@ class SchedulerConfig:
     cache_ram_bytes: int = 1 << 30  # RAM prompt cache budget; 0 = off
     pool_tokens: int = 0  # KV pool size in tokens; 0 = automatic (see pool_blocks)
     block_size: int = DEFAULT_BLOCK_SIZE
+    decode_graphs: bool | None = None  # padded decode steps as CUDA graphs; None = on a CUDA device (see model/graphs.py)
 
 
 @dataclass
@@ -148,13 +151,19 @@ class Scheduler:
             raise ValueError("at least one slot is needed")
         self.lm, self.cfg = lm, cfg
         model = lm.model
-        n_blocks = pool_blocks(lm, cfg.slots, cfg.pool_tokens, cfg.block_size)
+        graphs = cfg.decode_graphs if cfg.decode_graphs is not None else lm.device.type == "cuda"
+        if graphs and unsupported(model) is not None:
+            if cfg.decode_graphs:
+                raise ValueError(f"decode graphs: {unsupported(model)}")
+            graphs = False
+        n_blocks = pool_blocks(lm, cfg.slots, cfg.pool_tokens, cfg.block_size) + int(graphs)  # + the padding rows' block
         kv = model.kv
         if kv is None or (kv.n_blocks, kv.block_size, model.max_seq) != (n_blocks, cfg.block_size, lm.context):
             model.setup_caches(cfg.slots, lm.context, n_blocks=n_blocks, block_size=cfg.block_size, lazy=True)
         assert model.kv is not None
         self.pool = BlockPool(n_blocks, cfg.block_size, model.kv.zero_block, model.kv.copy_block)
         self.cache = SlotCache(model, cfg.slots, self.pool, cfg.cache_reuse, cfg.cache_ram_bytes)
+        self.graphs = DecodeGraphs(model, self.pool.reserve(), capture=lm.device.type == "cuda") if graphs else None
         self.waiting: deque[Task] = deque()
         self.active: list[Task] = []
         self.decode_steps = 0
@@ -359,23 +368,39 @@ class Scheduler:
         batch = [t for t in tasks if t.slot is not None and t.feed is not None]
         if not batch:
             return
-        dev = self.lm.device
-        tokens = torch.tensor([[t.feed.token] for t in batch], dtype=torch.long, device=dev)  # type: ignore[union-attr]
         at = [len(t.slot.tokens) for t in batch]  # type: ignore[union-attr]
-        pos = torch.tensor([[p] for p in at], dtype=torch.long, device=dev)
-        logits = self.lm.model(tokens, pos, kv_len=max(at) + 1, lengths=[p + 1 for p in at],
-                               tables=[t.slot.table for t in batch])[:, -1]  # type: ignore[union-attr]
+        tables = [t.slot.table for t in batch]  # type: ignore[union-attr]
+        if self.graphs is not None:
+            logits = self.graphs([t.feed.token for t in batch], at, tables)  # type: ignore[union-attr]
+        else:
+            dev = self.lm.device
+            tokens = torch.tensor([[t.feed.token] for t in batch], dtype=torch.long, device=dev)  # type: ignore[union-attr]
+            pos = torch.tensor([[p] for p in at], dtype=torch.long, device=dev)
+            logits = self.lm.model(tokens, pos, kv_len=max(at) + 1, lengths=[p + 1 for p in at], tables=tables)[:, -1]
         self.decode_steps += 1
         self.peak_batch = max(self.peak_batch, len(batch))
+        chosen = self._sample(logits, batch)
         for i, t in enumerate(batch):
             slot = t.slot
             assert slot is not None and t.feed is not None
             n = len(slot.tokens)
             self.cache.wrote(slot, slot.tokens + [t.feed.token], n)
-            piece, t.feed = t.run.step(logits[i])
+            piece, t.feed = t.run.step(logits[i], chosen[i])
             self._emit(t, piece)
             if t.feed is None:
                 self._end(t, None)
+
+    def _sample(self, logits: torch.Tensor, batch: list[Task]) -> list[int | None]:
+        """The rows the batch sampler takes, sampled where the logits are (one transfer); None
+        for a row its run samples on the host."""
+        rows = [t.run.batch_row(logits.device) for t in batch]
+        idx = [i for i, r in enumerate(rows) if r is not None]
+        chosen: list[int | None] = [None] * len(batch)
+        if idx:
+            part = logits if len(idx) == len(batch) else logits[idx]
+            for i, tok in zip(idx, sample_batch(part, [rows[i] for i in idx])):  # type: ignore[misc]
+                chosen[i] = tok
+        return chosen
 
     def _shift(self, task: Task) -> bool:
         """Context shift: drop half of what follows the kept head; False when it cannot."""

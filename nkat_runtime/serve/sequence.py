@@ -22,6 +22,7 @@ import torch
 
 from ..loader import LoadedModel
 from ..request import Choice, TokenLogprob
+from ..sampling.batched import Row, batchable
 from ..sampling.chain import SamplerState, make_generator, sample
 from ..sampling.grammar import Constraint
 from ..sampling.params import SamplingParams
@@ -154,6 +155,8 @@ class SequenceRun:
         self.bans = PhraseBans(params.banned_phrases)
         self.stop_set = set(lm.tokenizer.stop_ids if params.stop_ids is None else params.stop_ids)
         self.gen = generator if generator is not None else make_generator(params.sampling.seed)
+        self.batchable = batchable(params.sampling)
+        self.device_gen: torch.Generator | None = None  # the batch sampler's, where the logits are not on the CPU
         self.state = SamplerState()
         self.history = list(self.prompt)
         self.decoder = self._decoder()
@@ -214,9 +217,21 @@ class SequenceRun:
         return Feed(self.prompt[-1])
 
     # --- decode ----------------------------------------------------------------------------------
-    def step(self, logits: torch.Tensor) -> tuple[str, Feed | None]:
-        """Sample after the last fed token; returns the text now safe to show and the next feed
-        (None: the sequence is finished, and the text includes its end)."""
+    def batch_row(self, device: torch.device) -> Row | None:
+        """This step's row for the batch sampler (:mod:`..sampling.batched`), or None when the host
+        chain samples it (settings it does not take, a grammar, a token banned at this position)."""
+        if not self.batchable or self.grammar is not None or len(self.choice.token_ids) in self.position_bans:
+            return None
+        if device.type == "cpu":
+            return Row(self.sampling, self.history, self.gen)
+        if self.device_gen is None:  # seeded from the run's own generator: a seed still fixes the text
+            self.device_gen = make_generator(int(torch.randint(2**62, (1,), generator=self.gen)), device)
+        return Row(self.sampling, self.history, self.device_gen)
+
+    def step(self, logits: torch.Tensor, chosen: int | None = None) -> tuple[str, Feed | None]:
+        """Sample after the last fed token (``chosen``: the batch sampler already did, from the row
+        :meth:`batch_row` gave); returns the text now safe to show and the next feed (None: the
+        sequence is finished, and the text includes its end)."""
         res = self.choice
         if self.first_logits is None:
             self.first_logits = logits
@@ -228,7 +243,10 @@ class SequenceRun:
                 step_logits[list(self.position_bans[step])] = float("-inf")
             if self.grammar is not None:  # only what keeps the output in the grammar
                 step_logits = self.grammar.mask(step_logits)
-            tok = sample(step_logits, self.sampling, self.history, self.gen, self.state)
+            if chosen is not None:
+                tok, chosen = chosen, None  # a resample after a banned phrase runs on the host
+            else:
+                tok = sample(step_logits, self.sampling, self.history, self.gen, self.state)
             if tok in self.stop_set:
                 res.stop_kind, res.stop_string = "eos", self.lm.tokenizer.id_to_token(tok)
                 return self.finish(), None

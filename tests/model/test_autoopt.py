@@ -40,6 +40,7 @@ def _complete(storage: str, name: str) -> list[int]:
     return sorted(t.number for t in study.get_trials(states=(TrialState.COMPLETE,)))
 
 
+@pytest.mark.slow  # 35 s: the fast tier keeps the resume and Ctrl-C studies
 def test_three_trials_write_all_outputs(tiny_model, tmp_path):
     from PIL import Image, ImageStat
 
@@ -80,6 +81,7 @@ def test_resume_continues_the_trial_count(tiny_model, tmp_path):
     assert sum(t["baseline"] for t in history["trials"]) == 1
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tiny_model, tmp_path):
     model = tiny_model("llama")
     storage = f"sqlite:///{tmp_path / 'shared.db'}"

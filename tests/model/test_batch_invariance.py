@@ -45,7 +45,8 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-0.5b", "smollm2-135m"])
+@pytest.mark.parametrize("name", ["gemma3-270m", pytest.param("qwen2.5-coder-0.5b", marks=pytest.mark.slow),
+                                  pytest.param("smollm2-135m", marks=pytest.mark.slow)])
 def test_real_model_rows_are_batch_invariant(model_path, name, threads):
     lm = load_model(model_path(name), context=64, max_batch=ROWS, progress=False)
     assert batched_vs_alone(lm.model) == 0.0, torch.backends.cpu.get_cpu_capability()

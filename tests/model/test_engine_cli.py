@@ -23,6 +23,7 @@ def _engine(*args):
     return res
 
 
+@pytest.mark.slow  # two engine runs with perplexity: 22 s
 def test_benchmark_and_compare_keys(tiny_model, tmp_path):
     out = tmp_path / "t.nkat"
     convert(ConvertOptions(input=tiny_model("llama"), output=out, rank=4, progress=False))

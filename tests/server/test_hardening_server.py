@@ -24,7 +24,7 @@ from serverproc import Server, sse_data
 
 KEY = "hardening-key-5f1c"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-EXAMPLES = int(os.environ.get("NKAT_PROPERTY_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("NKAT_PROPERTY_EXAMPLES", "60"))  # the fast tier's; the slow tier runs 5x as many
 LOAD_CLIENTS = int(os.environ.get("NKAT_LOAD_CLIENTS", "8"))
 LOAD_REQUESTS = int(os.environ.get("NKAT_LOAD_REQUESTS", "4"))
 LENGTH_FIELDS = ("max_tokens", "max_length", "n_predict", "max_completion_tokens")
@@ -112,7 +112,8 @@ def from_schema(schema: dict):
     return st.none() | st.integers() | st.text(max_size=10)
 
 
-def test_property_based_requests_get_documented_json_answers(server):
+@pytest.mark.parametrize("examples", [EXAMPLES, pytest.param(5 * EXAMPLES, marks=pytest.mark.slow)])
+def test_property_based_requests_get_documented_json_answers(server, examples):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -124,7 +125,7 @@ def test_property_based_requests_get_documented_json_answers(server):
         lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=5), max_leaves=12)
     seen: dict[int, int] = {}
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def one_request(data):
@@ -149,7 +150,7 @@ def test_property_based_requests_get_documented_json_answers(server):
             well_formed(reply, stream=False)
 
     one_request()
-    assert sum(seen.values()) == EXAMPLES and set(seen) & {200} and set(seen) - {200}
+    assert sum(seen.values()) == examples and set(seen) & {200} and set(seen) - {200}
     ok = server.post("/v1/completions", {"prompt": "Hello", "max_tokens": 2}, headers=AUTH)
     assert ok.status == 200 and ok.json()["usage"]["completion_tokens"] == 2
     print(f"\nproperty client: {EXAMPLES} requests, statuses {dict(sorted(seen.items()))}")

@@ -55,6 +55,8 @@ def test_server_table_fills_flags_and_flags_win(tmp_path):
     (["--kv-pool", "lots"], None, "--kv-pool must be a token count or a size"),
     (["--kv-pool", "-5"], None, "--kv-pool must be >= 0"),
     (["--kv-block-size", "0"], None, "--kv-block-size must be in 1..4096"),
+    (["--decode-graphs", "maybe"], None, "invalid choice: 'maybe'"),
+    ([], '[server]\ndecode_graphs = "always"\n', "--decode-graphs must be auto, on or off"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, config, message):
     extra = []

@@ -192,10 +192,12 @@ def test_keyless_abort_stops_the_running_job(engine):
 
 
 def test_stream_never_splits_a_utf8_character(engine, monkeypatch):
+    import nkat_runtime.serve.scheduler as scheduler
     import nkat_runtime.serve.sequence as generation
 
     raw = "😀é".encode()  # 4 + 2 bytes, one byte-fallback token each (ids 3 + byte in the tiny vocab)
     script = iter([3 + b for b in raw])
-    monkeypatch.setattr(generation, "sample", lambda *a, **k: next(script))
+    monkeypatch.setattr(generation, "sample", lambda *a, **k: next(script))  # the host chain's rows
+    monkeypatch.setattr(scheduler, "sample_batch", lambda logits, rows: [next(script) for _ in rows])  # the batch's
     out, pieces = run(engine, req(max_tokens=len(raw)))
     assert pieces[0] == ["😀", "é"] and out.choices[0].text == "😀é"

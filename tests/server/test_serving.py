@@ -43,7 +43,7 @@ def test_prompt_cache_is_lru_within_its_budget_and_superseded_prefixes_go():
 
 # --- the real default model ----------------------------------------------------------------------
 STREAMS = 8
-TOKENS = int(os.environ.get("NKAT_INVARIANCE_TOKENS", "32"))  # the fast tier's budget; more by the variable
+TOKENS = int(os.environ.get("NKAT_INVARIANCE_TOKENS", "16"))  # the fast tier's budget; more by the variable
 STORIES = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "The three primary colors are", "My favourite recipe for soup", "import numpy as np\n",
            "The history of the Roman Empire", "Dear Sir or Madam,"]
