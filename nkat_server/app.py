@@ -7,13 +7,13 @@ import asyncio
 
 from aiohttp import web
 
-from . import routes_kobold, routes_llamacpp, routes_openai
+from . import routes_embeddings, routes_kobold, routes_llamacpp, routes_openai
 from .framework import Route, Router, ServerState, json_response, make_dispatcher, on_prepare
 from .openapi import document
 
 
 def create_app(state: ServerState) -> web.Application:
-    routes = routes_kobold.routes() + routes_openai.routes() + routes_llamacpp.routes()
+    routes = routes_kobold.routes() + routes_openai.routes() + routes_llamacpp.routes() + routes_embeddings.routes()
 
     async def openapi(state: ServerState, request: web.Request) -> web.Response:
         return json_response(document(routes, state.version))

@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 5001, "max_queue": 6, "
                             "cache_reuse": 32, "noshift": False, "keep": -1, "cache_ram": 1024.0,
                             "body_timeout": 60.0, "deterministic": True, "reasoning_format": "none",
                             "chat_template_kwargs": "{}", "kv_pool": "0", "kv_block_size": 32,
-                            "decode_graphs": "auto"}
+                            "decode_graphs": "auto", "pooling": "mean"}
 # [server] key -> argparse attribute (the flags' own names, plus KoboldCpp's spellings)
 SERVER_KEYS = {
     "model": "model", "contextsize": "ctx", "ctx": "ctx", "device": "device", "threads": "threads",
@@ -38,6 +38,7 @@ SERVER_KEYS = {
     "reasoning_format": "reasoning_format", "chat_template_kwargs": "chat_template_kwargs",
     "cache_type_k": "cache_type_k", "cache_type_v": "cache_type_v", "quantkv": "quantkv",
     "kv_pool": "kv_pool", "kv_block_size": "kv_block_size", "decode_graphs": "decode_graphs",
+    "pooling": "pooling",
 }
 TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "password": (str,), "theta_gamma": (int, float), "no_theta": (bool,),
@@ -46,7 +47,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "cache_reuse": (int,), "noshift": (bool,), "keep": (int,), "cache_ram": (int, float),
     "body_timeout": (int, float), "deterministic": (bool,), "reasoning_format": (str,),
     "chat_template_kwargs": (str,), "cache_type_k": (str,), "cache_type_v": (str,), "quantkv": (int,),
-    "kv_pool": (str, int), "kv_block_size": (int,), "decode_graphs": (str,),
+    "kv_pool": (str, int), "kv_block_size": (int,), "decode_graphs": (str,), "pooling": (str,),
 }
 
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-graphs", choices=("auto", "on", "off"), default=None,
                    help="replay decode steps as CUDA graphs, one per batch and table-width bucket (default auto = "
                         "on a CUDA device; 'on' elsewhere runs the same padded step without graphs)")
+    b.add_argument("--pooling", choices=("mean", "last"), default=None,
+                   help="how /v1/embeddings, /embedding(s) and /api/extra/embeddings pool the final hidden states "
+                        "of an input's tokens (default mean; last = the last token's); vectors are L2-normalised")
     c = p.add_argument_group("chat")
     c.add_argument("--reasoning-format", choices=REASONING_FORMATS, default=None,
                    help="where a chat reply's <think>...</think> goes: none = left in the content (default), "
@@ -137,6 +141,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.kv_pool_size = parse_pool(str(args.kv_pool))
     if not 1 <= args.kv_block_size <= 4096:
         raise ValueError("--kv-block-size must be in 1..4096 tokens")
+    if args.pooling not in ("mean", "last"):
+        raise ValueError(f"--pooling must be mean or last, got {args.pooling!r}")
     if args.decode_graphs not in ("auto", "on", "off"):
         raise ValueError(f"--decode-graphs must be auto, on or off, got {args.decode_graphs!r}")
     if args.password == "":
@@ -251,7 +257,7 @@ def build_state(args: argparse.Namespace):
                             decode_graphs={"auto": None, "on": True, "off": False}[args.decode_graphs])
     engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, config=sched,
                     chat_defaults=args.chat_defaults)
-    config = ServerConfig(password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024),
+    config = ServerConfig(pooling=args.pooling, password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024),
                           body_timeout_seconds=args.body_timeout)
     return lm, ServerState(engine, config, lm.path.stem)
 

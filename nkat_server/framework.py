@@ -44,6 +44,7 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     keepalive_seconds: float = 15.0  # SSE comment after this long without output (OpenAI streams)
     body_timeout_seconds: float = 60.0  # the whole request body must arrive within this (slow uploads: 408)
+    pooling: str = "mean"  # how embeddings pool the tokens' hidden states: mean or last
 
 
 @dataclass

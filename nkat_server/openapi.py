@@ -44,6 +44,10 @@ LLAMACPP_COMPLETION = _obj({"prompt": {"oneOf": [_STR, {"type": "array", "items"
                             "stream": _BOOL, "stop": {"type": "array", "items": _STR}, "cache_prompt": _BOOL,
                             "n_probs": _INT, **_SAMPLING}, ("prompt",))
 
+_INPUTS = {"oneOf": [_STR, {"type": "array", "items": {"oneOf": [_STR, _INT, {"type": "array", "items": _INT}]}}]}
+EMBEDDING_INPUT = _obj({"input": _INPUTS, "model": _STR, "encoding_format": {"enum": ["float", "base64"]}}, ("input",))
+LLAMACPP_EMBEDDING = _obj({"content": _INPUTS, "embd_normalize": {"enum": [-1, 2]}}, ("content",))
+
 BODIES: dict[str, dict[str, Any]] = {
     "/api/v1/generate": KOBOLD_GENERATE, "/api/extra/generate/stream": KOBOLD_GENERATE,
     "/api/extra/generate/check": _obj({"genkey": _STR}), "/api/extra/abort": _obj({"genkey": _STR}),
@@ -55,6 +59,8 @@ BODIES: dict[str, dict[str, Any]] = {
     "/api/extra/json_to_grammar": _obj({"schema": {"type": "object"}}),
     "/completion": LLAMACPP_COMPLETION, "/tokenize": _obj({"content": _STR}, ("content",)),
     "/detokenize": _obj({"tokens": {"type": "array", "items": _INT}}, ("tokens",)),
+    "/v1/embeddings": EMBEDDING_INPUT, "/api/extra/embeddings": EMBEDDING_INPUT,
+    "/embedding": LLAMACPP_EMBEDDING, "/embeddings": LLAMACPP_EMBEDDING,
 }
 STREAMING = {"/api/extra/generate/stream", "/v1/completions", "/completions", "/v1/completion",
              "/v1/chat/completions", "/chat/completions", "/completion"}

@@ -237,6 +237,7 @@ class DecoderModel(nn.Module):
         rows: list[int] | None = None,
         tables: list[list[int]] | None = None,
         lengths: list[int] | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """tokens [B, T] at positions ``input_pos`` [T] (or [B, T], one row per sequence) →
         float32 logits [B, T'', V].
@@ -245,7 +246,8 @@ class DecoderModel(nn.Module):
         (default 0 .. B-1). ``lengths``: each sequence's cached length after this pass, when the
         caller knows it (a batched decode step then reads nothing back from the device).
         ``last_only`` keeps the last position only; ``logits_from`` skips the first positions (the
-        LM head is the largest matmul: perplexity needs only the second half).
+        LM head is the largest matmul: perplexity needs only the second half). ``hidden``: the
+        final norm's output [B, T'', D] instead of logits (what embeddings pool).
         """
         if kv_len is None:
             kv_len = int(input_pos.max()) + 1
@@ -270,14 +272,14 @@ class DecoderModel(nn.Module):
             mask_global = attention_mask(input_pos, kv_len)
             mask_local = attention_mask(input_pos, kv_len, cfg.sliding_window) if any(cfg.swa_layers) else None
         view = BlockView(tables, input_pos, lengths, self.kv.block_size)
-        if self._decode_step is not None and tokens.shape[1] == 1:
+        if self._decode_step is not None and tokens.shape[1] == 1 and not hidden:
             return self._decode_step(x, input_pos, mask_global, mask_local, view)
         x = self._layers(x, input_pos, mask_global, mask_local, view)
         if last_only:
             x = x[:, -1:]
         elif logits_from:
             x = x[:, logits_from:]
-        return self._logits(x)
+        return self.output_norm(x) if hidden else self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.output(self.output_norm(x)).float()

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ..errors import ServerBusyError
 from ..loader import LoadedModel
@@ -35,6 +35,7 @@ from ..request import (
 )
 from ..sampling.chain import make_generator
 from .chat import chat_prompt
+from .embedding import embed
 from .prepare import Prepared, Preparer
 from .scheduler import Scheduler, SchedulerConfig, Task
 from .sequence import SequenceRun
@@ -115,6 +116,7 @@ class Engine:
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
+        self._calls: deque[tuple[Callable[[Scheduler], Any], asyncio.AbstractEventLoop, asyncio.Future]] = deque()
         self._running: list[Job] = []
         self._last: Job | None = None
         self._closed = False
@@ -246,9 +248,38 @@ class Engine:
             job = self._visible(genkey)
             return job.logprobs if job is not None else None
 
+    # --- other work in the engine thread ---------------------------------------------------------
+    async def call(self, fn: Callable[[Scheduler], Any]) -> Any:
+        """``fn(scheduler)`` run in the engine thread between two scheduler steps; its result, or
+        its exception, comes back here."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cond:
+            if self._closed:
+                raise ServerBusyError("the server is shutting down")
+            self._calls.append((fn, loop, fut))
+            self._cond.notify_all()
+        return await fut
+
+    async def embed(self, inputs: list[list[int]], pooling: str = "mean", normalize: bool = True) -> list[list[float]]:
+        """Each token sequence's pooled embedding (:mod:`.embedding`), one engine call per input so
+        decode steps run between them."""
+        return [await self.call(lambda sched, ids=ids: embed(sched, ids, pooling, normalize)) for ids in inputs]
+
+    def _run_calls(self, calls: list) -> None:
+        for fn, loop, fut in calls:
+            try:
+                value, error = fn(self.sched), None
+            except Exception as exc:  # noqa: BLE001 - it goes back to the caller
+                value, error = None, exc
+            loop.call_soon_threadsafe(_settle, fut, value, error)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
+            while self._calls:
+                _, loop, fut = self._calls.popleft()
+                loop.call_soon_threadsafe(_settle, fut, None, ServerBusyError("the server is shutting down"))
             for job in list(self._pending):
                 job.aborted.set()
                 self._finish_unrun(job)
@@ -279,15 +310,18 @@ class Engine:
     def _worker_main(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and self.sched.idle() and not self._closed:
+                while not self._pending and not self._calls and self.sched.idle() and not self._closed:
                     self._cond.wait()
                 if self._closed and self.sched.idle():
                     return
+                calls = list(self._calls)
+                self._calls.clear()
                 while self._pending and self.sched.free_slots() > len(self.sched.waiting):
                     job = self._pending.popleft()
                     self._running.append(job)
                     self._start(job)
                 self.stats.queued, self.stats.busy = len(self._pending), bool(self._running)
+            self._run_calls(calls)
             try:
                 self.sched.step()
             except BaseException:  # pragma: no cover - the scheduler reports failures per sequence
@@ -358,3 +392,12 @@ class Engine:
         s.last_process_seconds, s.last_eval_seconds = res.prefill_seconds, res.decode_seconds
         s.last_input_count, s.last_token_count = res.prompt_tokens, len(res.token_ids)
         s.last_seed, s.last_stop_kind = seed, res.stop_kind
+
+
+def _settle(fut: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if fut.done():  # the caller went away
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
