@@ -70,6 +70,22 @@ def parse_completion(body: Any) -> tuple[GenerationRequest, bool, bool]:
     return req, f.boolean("stream"), f.boolean("return_tokens")
 
 
+def parse_infill(body: Any) -> tuple[str, str, list[tuple[str, str]], str]:
+    """(input_prefix, input_suffix, input_extra as (filename, text), prompt) of an ``/infill`` body;
+    the sampling fields are :func:`parse_completion`'s."""
+    f = Fields(body)
+    for name in ("input_prefix", "input_suffix", "prompt"):
+        if not isinstance(f.body.get(name) or "", str):
+            raise InvalidRequestError(f"'{name}' must be a string", name)
+    extra = f.body.get("input_extra") or []
+    if not isinstance(extra, list) or not all(isinstance(c, dict) and isinstance(c.get("text", ""), str)
+                                              and isinstance(c.get("filename", ""), str) for c in extra):
+        raise InvalidRequestError("'input_extra' must be a list of {\"filename\": ..., \"text\": ...} objects",
+                                  "input_extra")
+    return (f.string("input_prefix"), f.string("input_suffix"),
+            [(c.get("filename") or "", c.get("text") or "") for c in extra], f.string("prompt"))
+
+
 def _probs(entries: list[TokenLogprob] | None) -> list[dict[str, Any]] | None:
     if entries is None:
         return None

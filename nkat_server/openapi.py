@@ -59,11 +59,14 @@ BODIES: dict[str, dict[str, Any]] = {
     "/api/extra/json_to_grammar": _obj({"schema": {"type": "object"}}),
     "/completion": LLAMACPP_COMPLETION, "/tokenize": _obj({"content": _STR}, ("content",)),
     "/detokenize": _obj({"tokens": {"type": "array", "items": _INT}}, ("tokens",)),
+    "/infill": _obj({"input_prefix": _STR, "input_suffix": _STR, "prompt": _STR, "n_predict": _INT, "stream": _BOOL,
+                     "input_extra": {"type": "array", "items": _obj({"filename": _STR, "text": _STR})},
+                     **_SAMPLING}),
     "/v1/embeddings": EMBEDDING_INPUT, "/api/extra/embeddings": EMBEDDING_INPUT,
     "/embedding": LLAMACPP_EMBEDDING, "/embeddings": LLAMACPP_EMBEDDING,
 }
 STREAMING = {"/api/extra/generate/stream", "/v1/completions", "/completions", "/v1/completion",
-             "/v1/chat/completions", "/chat/completions", "/completion"}
+             "/v1/chat/completions", "/chat/completions", "/completion", "/infill"}
 ERRORS = {"400": "malformed or invalid request", "401": "missing or wrong key (protected routes, with --password)",
           "404": "no such route", "405": "method not allowed on this route",
           "408": "the request body did not arrive in time", "413": "request body too large",

@@ -10,6 +10,8 @@ from aiohttp import web
 from adapters import llamacpp
 from adapters.fields import Fields
 from adapters.samplers import LLAMACPP_DEFAULTS, read_sampling
+from nkat_runtime.errors import InvalidRequestError
+from nkat_runtime.text.fim import fim_tokens, infill_prompt
 
 from .errors import classify, error_payload
 from .framework import Route, ServerState, json_response, read_json
@@ -65,6 +67,26 @@ async def props(state: ServerState, request: web.Request) -> web.Response:
 
 async def completion(state: ServerState, request: web.Request) -> web.StreamResponse:
     greq, stream, return_tokens = llamacpp.parse_completion(await read_json(request, state))
+    return await _complete(state, request, greq, stream, return_tokens)
+
+
+async def infill(state: ServerState, request: web.Request) -> web.StreamResponse:
+    """llama.cpp's fill-in-the-middle: the prompt built from ``input_prefix`` / ``input_suffix`` /
+    ``input_extra`` with the model's FIM tokens; the rest of the body as ``/completion``'s."""
+    body = await read_json(request, state)
+    prefix, suffix, extra, prompt = llamacpp.parse_infill(body)
+    lm = state.engine.lm
+    fim = fim_tokens(lm.gguf, lm.tokenizer)
+    if fim is None:
+        raise InvalidRequestError(f"{state.model_name} has no fill-in-the-middle tokens (FIM prefix/suffix/middle): "
+                                  "/infill needs a code model that has them, such as Qwen2.5-Coder")
+    greq, stream, return_tokens = llamacpp.parse_completion({**body, "prompt": [0]})
+    greq.prompts = [infill_prompt(lm.tokenizer, fim, prefix, suffix, extra, prompt)]
+    return await _complete(state, request, greq, stream, return_tokens)
+
+
+async def _complete(state: ServerState, request: web.Request, greq, stream: bool,
+                    return_tokens: bool) -> web.StreamResponse:
     handle = await submit(state, greq)
     settings = llamacpp.generation_settings(handle.prepared.gen.sampling, state.engine.context, state.model_id)
     if not stream:
@@ -116,6 +138,7 @@ def routes() -> list[Route]:
         Route("GET", "/slots", slots, "llamacpp"),
         Route("GET", "/props", props, "llamacpp"),
         Route("POST", "/completion", completion, "llamacpp", protected=True),
+        Route("POST", "/infill", infill, "llamacpp", protected=True),
         Route("POST", "/tokenize", tokenize, "llamacpp", protected=True),
         Route("POST", "/detokenize", detokenize, "llamacpp", protected=True),
     ]

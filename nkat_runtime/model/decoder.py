@@ -298,6 +298,7 @@ class DecoderModel(nn.Module):
         x = self._layers(x, pos, mask_global, mask_local, view)
         return self._logits(x)
 
+    @torch.inference_mode()
     def decode_padded(self, tokens: torch.Tensor, pos: torch.Tensor, view: PaddedView) -> torch.Tensor:
         """One decode step of B sequences, ``tokens`` [B] at positions ``pos`` [B], through a
         padded view → logits [B, V], in device operations only (what :mod:`.graphs` captures)."""

@@ -86,6 +86,8 @@ class DecodeGraphs:
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
         """Logits [B, V] of one decode step: ``tokens[b]`` at ``positions[b]`` of ``tables[b]``."""
         B, bs = len(tokens), self.block_size
+        if max(positions) >= self.model.max_seq:
+            raise ValueError(f"position {max(positions)} is beyond the cache ({self.model.max_seq} tokens)")
         counts = [p // bs + 1 for p in positions]
         key = (bucket(B, BATCH_BUCKETS), width(max(counts), self.model.row_blocks))
         rows = [list(t[:c]) + [t[0]] * (key[1] - c) for t, c in zip(tables, counts)]
@@ -98,7 +100,12 @@ class DecodeGraphs:
             return self.model.decode_padded(tok, pos, PaddedView.of(table, pos, bs))[:B]
         step = self.steps.get(key)
         if step is None:
-            step = self.steps[key] = self._capture(key)
+            try:
+                step = self.steps[key] = self._capture(key)
+            except Exception:  # noqa: BLE001 - decode goes on without graphs rather than fail each step
+                log.exception("decode graph capture failed (batch %d, %d blocks); decoding without graphs", *key)
+                self.capture = False
+                return self(tokens, positions, tables)
         step.tokens.copy_(tok, non_blocking=True)
         step.pos.copy_(pos, non_blocking=True)
         step.table.copy_(table, non_blocking=True)

@@ -28,6 +28,7 @@ from .extra import BAN_BIAS
 from .params import DEFAULT_ORDER, REP_PEN, TEMPERATURE, TOP_K, TOP_P, SamplingParams
 
 NEG_INF = float("-inf")
+PAIRWISE_WINDOW = 256  # penalty windows up to this long count by pairwise comparison, longer ones by a scatter
 
 
 @dataclass
@@ -50,7 +51,10 @@ def batchable(p: SamplingParams) -> bool:
     penalizing = p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
     needed = [s for s, on in ((REP_PEN, penalizing), (TOP_K, p.top_k > 0), (TOP_P, p.top_p < 1.0 or p.min_p > 0),
                               (TEMPERATURE, not p.greedy_mode)) if on]
-    # the active steps must all be listed and in the default order (penalties first)
+    # the active steps must all be listed and in the default order; penalties must come first in
+    # the order itself (after any other step the host applies them to the top-5000 prefilter only)
+    if penalizing and order[0] != REP_PEN:
+        return False
     return all(s in used for s in needed) and [s for s in used if s in needed] == needed
 
 
@@ -73,8 +77,11 @@ def _bias_and_bans(x: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     dev = x.device
     ri, ti = torch.tensor(r).to(dev), torch.tensor(ids).to(dev)
     x = x.clone()
-    x.index_put_((ri, ti), torch.tensor(add).to(dev), accumulate=True)  # a bias listed twice adds up, as on the host
-    return x.index_put((ri, ti), torch.where(torch.tensor(ban).to(dev), NEG_INF, x[ri, ti]))
+    x.index_put_((ri, ti), torch.tensor(add).to(dev), accumulate=True)
+    banned = torch.tensor(ban).to(dev)
+    # only the bans are written now: every repeat of an index writes the same -inf (a repeated
+    # index with different values would leave the result to the device)
+    return x.index_put_((ri[banned], ti[banned]), torch.tensor(NEG_INF, device=dev))
 
 
 def _penalties(x: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
@@ -82,13 +89,12 @@ def _penalties(x: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     each row's last ``repeat_last_n`` tokens (as :func:`.extra.apply_penalties`), computed at the
     window's ids only: each window position learns its id's count and tier from the others."""
     V = x.shape[1]
-    windows, halves = [], []
+    windows = []
     for row in rows:
         p, h = row.params, row.history
         on = p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         w = [] if not on or p.repeat_last_n == 0 else list(h) if p.repeat_last_n < 0 else list(h[-p.repeat_last_n :])
         windows.append([t for t in w if 0 <= t < V])
-        halves.append(len(w) - len(w) // 2)  # the recent half: the window's last ceil(n / 2) tokens
     width = max(len(w) for w in windows)
     if width == 0:
         return x
@@ -99,10 +105,15 @@ def _penalties(x: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     n = torch.tensor([len(w) for w in windows]).to(dev)[:, None]
     j = torch.arange(width, device=dev)[None, :]
     valid = j < n
-    recent = valid & (j >= n - torch.tensor(halves).to(dev)[:, None])
-    same = ids[:, :, None] == ids[:, None, :]  # [B, W, W]
-    counts = (same & valid[:, None, :]).sum(-1).float()
-    near = (same & recent[:, None, :]).any(-1)
+    recent = valid & (j >= n // 2)  # the recent half: positions from len // 2 on, as the host splits
+    if width <= PAIRWISE_WINDOW:  # each position compares its id with the others: [B, W, W]
+        same = ids[:, :, None] == ids[:, None, :]
+        counts = (same & valid[:, None, :]).sum(-1).float()
+        near = (same & recent[:, None, :]).any(-1)
+    else:  # long windows: counts through the vocabulary, [B, V]
+        B = x.shape[0]
+        counts = torch.zeros(B, V, device=dev).scatter_add_(1, ids, valid.float()).gather(1, ids)
+        near = torch.zeros(B, V, device=dev).scatter_add_(1, ids, recent.float()).gather(1, ids) > 0
     seen = counts > 0
     pen = _column([r.params.repeat_penalty for r in rows], dev)
     slope = _column([r.params.repeat_slope for r in rows], dev)
@@ -158,9 +169,11 @@ def candidates(logits: torch.Tensor, rows: Sequence[Row]) -> tuple[torch.Tensor,
 
 def _draw(vals: torch.Tensor, ids: torch.Tensor, best: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     probs = torch.softmax(vals, dim=1)
-    race = torch.empty_like(probs)
-    for b, row in enumerate(rows):
-        race[b].exponential_(generator=row.generator)
+    race = torch.ones_like(probs)
+    K = vals.shape[1]  # at least min(vocabulary, PREFILTER, each row's top-k)
+    for b, row in enumerate(rows):  # each row draws as many values as its own top-k keeps, so a
+        k = min(row.params.top_k, K) if row.params.top_k > 0 else K  # seed's stream ignores the batch
+        race[b, :k].exponential_(generator=row.generator)
     j = (probs / race.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=1)
     # a temperature near float max or a tiny penalty overflows the chain: the best finite candidate
     bad = ~torch.isfinite(probs).all(dim=1) | (probs.sum(dim=1) <= 0)

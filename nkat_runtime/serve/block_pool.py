@@ -49,6 +49,7 @@ class BlockPool:
         self._serial_of: dict[int, int] = {}
         self._by_key: dict[tuple, int] = {}
         self._serials = 0
+        self.reserved: set[int] = set()  # held for good outside every table (:meth:`reserve`)
 
     # --- counts -----------------------------------------------------------------------------------
     def available(self) -> int:
@@ -59,8 +60,8 @@ class BlockPool:
         return -(-n_tokens // self.block_size)
 
     def stats(self) -> PoolStats:
-        held = sum(r > 0 for r in self.refs)
-        return PoolStats(self.n_blocks, len(self._free), len(self._cached), held, sum(r > 1 for r in self.refs),
+        held = sum(r > 0 for r in self.refs) - len(self.reserved)  # a reserved block is no sequence's
+        return PoolStats(self.n_blocks - len(self.reserved), len(self._free), len(self._cached), held, sum(r > 1 for r in self.refs),
                          self.block_size)
 
     def needed(self, table: Sequence[int], start: int, stop: int) -> int:
@@ -85,7 +86,9 @@ class BlockPool:
 
     def reserve(self) -> int:
         """A cleared block held for good, outside every table (decode graphs' padding rows write there)."""
-        return self._take()
+        block = self._take()
+        self.reserved.add(block)
+        return block
 
     def _drop(self, block: int) -> None:
         self.refs[block] -= 1
@@ -188,7 +191,7 @@ class BlockPool:
     def check(self, tables: Sequence[Sequence[int]]) -> None:
         """Raise AssertionError unless the reference counts are exactly the tables' holdings and
         every block is held, free or cached (the tests' consistency check)."""
-        counts = [0] * self.n_blocks
+        counts = [int(b in self.reserved) for b in range(self.n_blocks)]
         for table in tables:
             for block in table:
                 counts[block] += 1

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from ..loader import LoadedModel
-from ..model.graphs import DecodeGraphs, unsupported
+from ..model.graphs import BATCH_BUCKETS, DecodeGraphs, unsupported
 from ..model.kv_cache import DEFAULT_BLOCK_SIZE
 from ..sampling.batched import sample_batch
 from .block_pool import BlockPool
@@ -152,9 +152,11 @@ class Scheduler:
         self.lm, self.cfg = lm, cfg
         model = lm.model
         graphs = cfg.decode_graphs if cfg.decode_graphs is not None else lm.device.type == "cuda"
-        if graphs and unsupported(model) is not None:
+        why = unsupported(model) or (f"{cfg.slots} slots are more than the largest graph bucket ({BATCH_BUCKETS[-1]})"
+                                     if cfg.slots > BATCH_BUCKETS[-1] else None)
+        if graphs and why is not None:
             if cfg.decode_graphs:
-                raise ValueError(f"decode graphs: {unsupported(model)}")
+                raise ValueError(f"decode graphs: {why}")
             graphs = False
         n_blocks = pool_blocks(lm, cfg.slots, cfg.pool_tokens, cfg.block_size) + int(graphs)  # + the padding rows' block
         kv = model.kv

@@ -233,8 +233,8 @@ class SequenceRun:
         :meth:`batch_row` gave); returns the text now safe to show and the next feed (None: the
         sequence is finished, and the text includes its end)."""
         res = self.choice
-        if self.first_logits is None:
-            self.first_logits = logits
+        if self.first_logits is None:  # a copy: the row may be a view of a buffer the next step reuses (graphs)
+            self.first_logits = logits.clone()
         while True:
             step = len(res.token_ids)
             step_logits = logits

@@ -105,3 +105,21 @@ def test_engine_with_the_padded_step_generates_the_same_text(tiny_model):
 
     plain, padded = texts(False), texts(True)
     assert plain == padded and all(len(t) == 24 for t in plain)
+
+
+def test_the_padding_block_is_outside_the_pools_counts(tiny_model):
+    lm = load_model(tiny_model("llama"), context=128, progress=False, reference=True)
+    engine = Engine(lm, max_queue=4, config=SchedulerConfig(slots=2, block_size=8, decode_graphs=True,
+                                                           cache_ram_bytes=0))
+    try:
+        pool = engine.sched.pool
+        assert pool.reserved == {engine.sched.graphs.trash}
+        st = pool.stats()
+        assert st.total == pool.n_blocks - 1 and st.free + st.cached + st.held == st.total
+        pool.check([s.table for s in engine.sched.slots])
+        with pytest.raises(ValueError, match="beyond the cache"):
+            engine.sched.graphs([1], [128], [lm.model.row_table(0)])
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="more than the largest graph bucket"):
+        Engine(lm, config=SchedulerConfig(slots=300, block_size=8, decode_graphs=True, pool_tokens=4096))

@@ -93,3 +93,10 @@ def test_an_embedding_during_a_stream_equals_one_alone(server, vectors):
         during = server.post("/v1/embeddings", {"input": SENTENCES[2]}, headers=AUTH).json()
         assert running.result().status == 200
     assert during["data"][0]["embedding"] == pytest.approx(vectors[2], abs=1e-5)
+
+
+def test_infill_without_fim_tokens_is_a_400(server):
+    """(Here because this module's server runs Gemma 3, which has no FIM tokens; the infill itself
+    is tested on Qwen2.5-Coder in test_infill.py.)"""
+    reply = server.post("/infill", {"input_prefix": "def f():\n    ", "input_suffix": "\n"}, headers=AUTH)
+    assert reply.status == 400 and "no fill-in-the-middle tokens" in reply.json()["error"]["message"]

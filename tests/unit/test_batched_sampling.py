@@ -120,6 +120,30 @@ def test_a_seeded_row_ignores_its_batch() -> None:
         together.append(sample_batch(logits, rows)[2])
     assert together == alone
     assert len(set(alone)) > 1  # a real draw, not the argmax
+    # other rows with other top-k (so another candidate width) do not move a seeded row's stream
+    narrow = SamplingParams(temperature=1.0, top_k=40)
+    alone = [sample_batch(logits[:1], [Row(narrow, (), g)])[0] for g in [make_generator(6)] for _ in range(10)]
+    g, wide = make_generator(6), make_generator(7)
+    mixed = [sample_batch(logits[:2], [Row(narrow, (), g), Row(SamplingParams(temperature=1.0, top_k=0), (), wide)])[0]
+             for _ in range(10)]
+    assert mixed == alone
+
+
+def test_a_banned_token_with_a_bias_stays_banned() -> None:
+    logits = _logits(2)
+    top = int(torch.argmax(logits))
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, logit_bias={top: 5.0}, banned_ids=frozenset({top}))
+    vals, ids, best = candidates(logits[None], [Row(p, ())])
+    assert float(vals[0][ids[0] == top].max()) == float("-inf") and int(best[0]) != top
+
+
+def test_long_penalty_windows_stay_cheap() -> None:
+    """Counts come from a scatter over the vocabulary, not a window x window comparison."""
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.2, repeat_last_n=-1,
+                       presence_penalty=0.3)
+    history = torch.randint(0, V, (20000,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = _batch_probs(_logits(1)[None], [Row(p, history)])[0]
+    torch.testing.assert_close(got, _host_probs(_logits(1), p, history), atol=1e-6, rtol=1e-5)
 
 
 def test_what_is_left_to_the_host() -> None:
@@ -130,7 +154,9 @@ def test_what_is_left_to_the_host() -> None:
                    {"smoothing_factor": 0.3},
                    {"sampler_order": (TOP_K, REP_PEN, TOP_P, TEMPERATURE), "repeat_penalty": 1.1},
                    {"sampler_order": (TOP_K, TOP_P)},  # temperature not in the order: not applied on the host
-                   {"sampler_order": (REP_PEN, TOP_P, TOP_K, TEMPERATURE)}):
+                   {"sampler_order": (REP_PEN, TOP_P, TOP_K, TEMPERATURE)},
+                   # penalties after another step: the host applies them to the prefiltered top 5000 only
+                   {"sampler_order": (TOP_K, REP_PEN, TOP_P, TEMPERATURE), "presence_penalty": 1.0, "top_k": 0}):
         assert not batchable(dataclasses.replace(base, **change)), change
     # a step that does nothing may sit anywhere
     assert batchable(dataclasses.replace(base, sampler_order=(TOP_K, REP_PEN, TOP_P, TEMPERATURE)))
