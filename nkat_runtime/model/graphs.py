@@ -10,8 +10,8 @@ two of blocks (past a row's own blocks its table repeats its first block, masked
 
 What this costs: attention gathers each row's blocks into one padded tensor per layer (memory
 and time grow with the bucket's width, not each row's length; a paged-attention kernel would read
-the blocks in place), and graphs stay captured (their memory shared in one pool) until
-:meth:`DecodeGraphs.clear`. Where no GPU is (``capture=False``) the same padded step runs eagerly,
+the blocks in place), and graphs stay captured (their memory shared in one pool) for the
+life of their :class:`DecodeGraphs`. Where no GPU is (``capture=False``) the same padded step runs eagerly,
 which is how it is tested on the CPU; the graphs themselves are exercised by
 ``benchmarks/gpu_check.py``.
 """
@@ -33,12 +33,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WARMUP = 2  # eager steps on a side stream before a capture (Triton compiles, cuBLAS picks its kernels)
 
 
-def unsupported(model: DecoderModel) -> str | None:
-    """Why this model's decode step cannot be captured (None: it can)."""
+def unsupported(model: DecoderModel, slots: int = 1) -> str | None:
+    """Why this model's decode step, with up to ``slots`` sequences, cannot be captured (None: it can)."""
     from .moe import MoEFeedForward  # noqa: PLC0415 - only the check needs it
 
     if any(isinstance(m, MoEFeedForward) for m in model.modules()):
         return "mixture-of-experts routing reads the chosen experts back to the host"
+    if slots > BATCH_BUCKETS[-1]:
+        return f"{slots} slots are more than the largest graph bucket ({BATCH_BUCKETS[-1]})"
     return None
 
 
@@ -79,9 +81,6 @@ class DecodeGraphs:
         self.block_size = model.kv.block_size
         self.steps: dict[tuple[int, int], _Step] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-
-    def clear(self) -> None:
-        self.steps.clear()
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
         """Logits [B, V] of one decode step: ``tokens[b]`` at ``positions[b]`` of ``tables[b]``."""

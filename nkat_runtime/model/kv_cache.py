@@ -129,8 +129,7 @@ class PaddedView:
     @classmethod
     def of(cls, table: torch.Tensor, pos: torch.Tensor, block_size: int) -> "PaddedView":
         """The view of one decode step at positions ``pos`` [B] (device ops only: no host sync)."""
-        write = table.gather(1, (pos // block_size)[:, None])[:, 0] * block_size + pos % block_size
-        return cls(write, table, pos + 1, block_size)
+        return cls(_through(table, pos[:, None], block_size)[:, 0], table, pos + 1, block_size)
 
     def mask(self, window: int = 0) -> torch.Tensor:
         """[B, 1, 1, M * block_size]: key s is visible to row b's query when s < lengths[b] (and
@@ -144,8 +143,9 @@ class PaddedView:
 
 
 def _through(table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The flat slot (``block * block_size + offset``) of each position of ``pos`` through ``table``."""
-    return table[pos // block_size] * block_size + pos % block_size
+    """The flat slot (``block * block_size + offset``) of each position of ``pos`` through ``table``
+    (a table [N] and positions [T], or tables [B, M] and positions [B, T])."""
+    return table.gather(-1, pos // block_size) * block_size + pos % block_size
 
 
 class _Store:

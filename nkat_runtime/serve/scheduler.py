@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from ..loader import LoadedModel
-from ..model.graphs import BATCH_BUCKETS, DecodeGraphs, unsupported
+from ..model.graphs import DecodeGraphs, unsupported
 from ..model.kv_cache import DEFAULT_BLOCK_SIZE
 from ..sampling.batched import sample_batch
 from .block_pool import BlockPool
@@ -152,9 +152,8 @@ class Scheduler:
         self.lm, self.cfg = lm, cfg
         model = lm.model
         graphs = cfg.decode_graphs if cfg.decode_graphs is not None else lm.device.type == "cuda"
-        why = unsupported(model) or (f"{cfg.slots} slots are more than the largest graph bucket ({BATCH_BUCKETS[-1]})"
-                                     if cfg.slots > BATCH_BUCKETS[-1] else None)
-        if graphs and why is not None:
+        why = unsupported(model, cfg.slots) if graphs else None
+        if why is not None:
             if cfg.decode_graphs:
                 raise ValueError(f"decode graphs: {why}")
             graphs = False
@@ -165,7 +164,7 @@ class Scheduler:
         assert model.kv is not None
         self.pool = BlockPool(n_blocks, cfg.block_size, model.kv.zero_block, model.kv.copy_block)
         self.cache = SlotCache(model, cfg.slots, self.pool, cfg.cache_reuse, cfg.cache_ram_bytes)
-        self.graphs = DecodeGraphs(model, self.pool.reserve(), capture=lm.device.type == "cuda") if graphs else None
+        self.graphs = DecodeGraphs(model, self.pool.reserve()) if graphs else None
         self.waiting: deque[Task] = deque()
         self.active: list[Task] = []
         self.decode_steps = 0
