@@ -353,6 +353,14 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def models_list(model_id: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                        "owned_by": "koboldcpp", "permission": [], "root": "koboldcpp"}]}
+def models_list(models: list[dict[str, Any]], created: int) -> dict[str, Any]:
+    """OpenAI's model list; each entry also carries llama.cpp's router ``status`` (loaded, loading,
+    unloaded, failed) so one listing serves both kinds of client."""
+    data = []
+    for m in models:
+        status: dict[str, Any] = {"value": m["status"]}
+        if m.get("error"):
+            status["error"] = m["error"]
+        data.append({"id": m["id"], "object": "model", "created": created, "owned_by": "koboldcpp",
+                     "permission": [], "root": "koboldcpp", "status": status})
+    return {"object": "list", "data": data}

@@ -128,7 +128,10 @@ def read_common(f: Fields, req: GenerationRequest, d: SamplerDefaults) -> None:
     req.trim_stop = f.boolean("trim_stop", default=True)
     req.ban_eos = f.boolean("ban_eos_token", "use_default_badwordsids", "ignore_eos")
     req.bypass_eos = f.boolean("bypass_eos")
-    req.render_special = f.boolean("render_special")
+    # vLLM / TabbyAPI / Aphrodite: skip_special_tokens false prints control tokens (our render_special)
+    req.render_special = f.boolean("render_special") or not f.boolean("skip_special_tokens", default=True)
+    req.min_tokens = max(0, f.integer("min_tokens", default=0) or 0)
+    read_ignored(f, req)
     req.banned_strings = f.string_list("banned_tokens") + f.string_list("banned_strings")
     bans = f.string("custom_token_bans")
     if bans.strip():
@@ -148,6 +151,16 @@ def read_common(f: Fields, req: GenerationRequest, d: SamplerDefaults) -> None:
     images = f.raw("images", "image_data")
     if images is not None and images[1]:
         raise RequestNotSupportedError("images are not supported: this server has no vision model", images[0])
+
+
+def read_ignored(f: Fields, req: GenerationRequest) -> None:
+    """SillyTavern fields with no sampler here: a warning when they ask for something (docs/server.md)."""
+    keep = f.integer("min_keep", default=0) or 0
+    if keep > 1:
+        req.warnings.append(f"min_keep {keep} is not supported: ignored (the samplers keep at least one token)")
+    target = f.number("adaptive_target", default=-1.0)
+    if target >= 0:
+        req.warnings.append("adaptive_target / adaptive_decay (adaptive-p sampling) are not supported: ignored")
 
 
 def read_length(f: Fields, *names: str, default: int | None = None, allow_unlimited: bool = False) -> int | None:

@@ -51,6 +51,7 @@ class GenerationRequest:
     ban_eos: bool = False  # EOS / end-of-turn can never be sampled
     bypass_eos: bool = False  # EOS may be sampled but does not end the generation
     render_special: bool = False  # print control tokens as text
+    min_tokens: int = 0  # end-of-generation tokens cannot be sampled before this many tokens
     banned_strings: list[str] = field(default_factory=list)  # case-insensitive; 1 char: every token holding it
     banned_token_ids: list[int] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)

@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from nkat_runtime.cache_types import CACHE_TYPES
@@ -26,7 +27,8 @@ DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 5001, "max_queue": 6, "
                             "cache_reuse": 32, "noshift": False, "keep": -1, "cache_ram": 1024.0,
                             "body_timeout": 60.0, "deterministic": True, "reasoning_format": "none",
                             "chat_template_kwargs": "{}", "kv_pool": "0", "kv_block_size": 32,
-                            "decode_graphs": "auto", "pooling": "mean"}
+                            "decode_graphs": "auto", "pooling": "mean", "models_max": 4,
+                            "metrics": False, "cors_origins": "*"}
 # [server] key -> argparse attribute (the flags' own names, plus KoboldCpp's spellings)
 SERVER_KEYS = {
     "model": "model", "contextsize": "ctx", "ctx": "ctx", "device": "device", "threads": "threads",
@@ -38,16 +40,20 @@ SERVER_KEYS = {
     "reasoning_format": "reasoning_format", "chat_template_kwargs": "chat_template_kwargs",
     "cache_type_k": "cache_type_k", "cache_type_v": "cache_type_v", "quantkv": "quantkv",
     "kv_pool": "kv_pool", "kv_block_size": "kv_block_size", "decode_graphs": "decode_graphs",
-    "pooling": "pooling",
+    "pooling": "pooling", "models_dir": "models_dir", "models_max": "models_max",
+    "admin_password": "admin_password", "adminpassword": "admin_password", "slot_save_path": "slot_save_path",
+    "metrics": "metrics", "cors_origins": "cors_origins",
 }
 TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "password": (str,), "theta_gamma": (int, float), "no_theta": (bool,),
     "max_queue": (int,), "max_body": (int, float), "default_max_tokens": (int,), "no_cuda": (bool,),
-    "model": (str,), "ctx": (int,), "device": (str,), "verbose": (bool,), "parallel": (int,),
+    "model": (str, list), "ctx": (int,), "device": (str,), "verbose": (bool,), "parallel": (int,),
     "cache_reuse": (int,), "noshift": (bool,), "keep": (int,), "cache_ram": (int, float),
     "body_timeout": (int, float), "deterministic": (bool,), "reasoning_format": (str,),
     "chat_template_kwargs": (str,), "cache_type_k": (str,), "cache_type_v": (str,), "quantkv": (int,),
     "kv_pool": (str, int), "kv_block_size": (int,), "decode_graphs": (str,), "pooling": (str,),
+    "models_dir": (str,), "models_max": (int,), "admin_password": (str,), "slot_save_path": (str,),
+    "metrics": (bool,), "cors_origins": (str,),
 }
 
 
@@ -58,13 +64,18 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nkat-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_args(p)
+    common.add_model_args(p, many=True)
     p.set_defaults(no_cuda=None, verbose=None)  # None = "not given", so the config file can fill it
     s = p.add_argument_group("server")
     s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     s.add_argument("--port", type=int, default=None, help="TCP port (default 5001, as KoboldCpp)")
     s.add_argument("--password", "--api-key", dest="password", default=None,
                    help="require 'Authorization: Bearer <key>' on generation and token routes")
+    s.add_argument("--metrics", action="store_true", default=None,
+                   help="serve Prometheus metrics at /metrics (requests, tokens, latencies, queue, KV blocks)")
+    s.add_argument("--cors-origins", default=None, metavar="ORIGINS",
+                   help="comma-separated origins browsers may call the API from, e.g. "
+                        "'http://localhost:8000,https://my.site' (default '*' = any, as KoboldCpp)")
     s.add_argument("--max-queue", type=int, default=None,
                    help="requests that may wait while one generates (default 6); more get 503")
     s.add_argument("--max-body", type=float, default=None, help="request size limit in MB (default 32)")
@@ -72,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request body may take to arrive (default 60); slower uploads get 408")
     s.add_argument("--default-max-tokens", "--defaultgenamt", dest="default_max_tokens", type=int, default=None,
                    help="tokens to generate when a request gives no length (default 512)")
+    m = p.add_argument_group("several models")
+    m.add_argument("--models-dir", default=None, metavar="DIR",
+                   help="also offer every .gguf/.nkat file in DIR; a request's 'model' picks one (loaded on first "
+                        "use), GET /v1/models lists them")
+    m.add_argument("--models-max", type=int, default=None,
+                   help="models loaded at once (default 4); loading one more unloads the least recently used idle one")
+    m.add_argument("--admin-password", "--adminpassword", dest="admin_password", default=None,
+                   help="Bearer key of the admin routes (POST /models/load, /models/unload, /models/reload, "
+                        "koboldcpp's /api/admin/*); without it they answer 403")
+    m.add_argument("--slot-save-path", default=None, metavar="DIR",
+                   help="folder for POST /slots/{id}?action=save|restore files (llama.cpp's); without it refused")
     b = p.add_argument_group("batching and prompt cache")
     b.add_argument("--parallel", "-np", dest="parallel", type=int, default=None,
                    help="sequences decoded together, one KV-cache slot each (default 0 = sized to memory, at most 4)")
@@ -147,6 +169,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--decode-graphs must be auto, on or off, got {args.decode_graphs!r}")
     if args.password == "":
         args.password = None
+    if args.admin_password == "":
+        args.admin_password = None
+    args.cors = tuple(o.strip().rstrip("/") for o in args.cors_origins.split(",") if o.strip())
+    if not args.cors:
+        raise ValueError("--cors-origins must name at least one origin (or '*')")
+    if args.models_max < 1:
+        raise ValueError("--models-max must be >= 1")
+    args.model_paths = model_paths(args)
     for key in ("cache_type_k", "cache_type_v"):
         if getattr(args, key, None) is not None and getattr(args, key) not in CACHE_TYPES:
             raise ValueError(f"{key} must be one of {', '.join(CACHE_TYPES)}")
@@ -154,6 +184,23 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("quantkv must be 0 (f16) or 1 (q8_0)")
     args.chat_defaults = chat_defaults(args)
     return args
+
+
+def model_paths(args: argparse.Namespace) -> list[Path]:
+    """The files to serve: each --model (paths or aliases; none = the bundled default unless
+    --models-dir gives some), then --models-dir's files. The first is the default model."""
+    from nkat_runtime.bundled import resolve_model
+
+    from .models import scan_dir
+
+    given = args.model if isinstance(args.model, list) else [args.model] if args.model else []
+    paths = [resolve_model(m) for m in given]
+    if args.models_dir:
+        found = scan_dir(Path(args.models_dir).expanduser())
+        if not found and not paths:
+            raise ValueError(f"--models-dir {args.models_dir}: no .gguf or .nkat file in it")
+        paths += [f for f in found if all(f.resolve() != p.resolve() for p in paths)]
+    return paths or [resolve_model(None)]
 
 
 POOL_UNITS = {"": 0, "mib": 2**20, "mb": 2**20, "gib": 2**30, "gb": 2**30}
@@ -240,14 +287,12 @@ async def serve(app: Any, host: str, port: int, banner: str) -> None:
         await runner.cleanup()
 
 
-def build_state(args: argparse.Namespace):
-    """Load the model and wrap it in an engine and the server state (no socket yet)."""
+def build_engine(args: argparse.Namespace, path: Path, observer: Any = None):
+    """Load one model file and wrap it in an engine (the server's settings apply to every model)."""
     from nkat_runtime.serve.engine import Engine
     from nkat_runtime.serve.scheduler import SchedulerConfig, auto_slots
 
-    from .framework import ServerConfig, ServerState
-
-    lm = common.load_from_args(args, progress=sys.stderr.isatty(), theta=not args.no_theta,
+    lm = common.load_from_args(args, path, progress=sys.stderr.isatty(), theta=not args.no_theta,
                                theta_gamma=args.theta_gamma)
     sched = SchedulerConfig(slots=args.parallel or auto_slots(lm), cache_reuse=args.cache_reuse,
                             context_shift=not args.noshift, n_keep=args.keep,
@@ -255,11 +300,39 @@ def build_state(args: argparse.Namespace):
                             pool_tokens=pool_tokens(args.kv_pool_size, lm.model.kv_bytes_per_token()),
                             block_size=args.kv_block_size,
                             decode_graphs={"auto": None, "on": True, "off": False}[args.decode_graphs])
-    engine = Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, config=sched,
-                    chat_defaults=args.chat_defaults)
+    return Engine(lm, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, config=sched,
+                  chat_defaults=args.chat_defaults, observer=observer)
+
+
+def build_state(args: argparse.Namespace):
+    """Load the default model (the others load once the server runs, or on first use) and wrap
+    the set in the server state (no socket yet)."""
+    import time
+
+    from .framework import ServerConfig, ServerState
+    from .metrics import Metrics
+    from .models import ModelSet
+
+    metrics = Metrics() if args.metrics else None
+
+    def build(path: Path):
+        return build_engine(args, path, metrics.observer(path.stem) if metrics is not None else None)
+
+    models = ModelSet(args.model_paths, build, args.models_max)
+    if metrics is not None:
+        metrics.watch(models)
+    start = time.perf_counter()
+    engine = build(args.model_paths[0])
+    models.adopt(models.default, engine, time.perf_counter() - start)
+    slot_dir = Path(args.slot_save_path).expanduser() if args.slot_save_path else None
+    if slot_dir is not None and not slot_dir.is_dir():
+        raise ValueError(f"--slot-save-path: not a folder: {slot_dir}")
     config = ServerConfig(pooling=args.pooling, password=args.password, max_body_bytes=int(args.max_body * 1024 * 1024),
-                          body_timeout_seconds=args.body_timeout)
-    return lm, ServerState(engine, config, lm.path.stem)
+                          body_timeout_seconds=args.body_timeout, admin_password=args.admin_password,
+                          slot_save_path=slot_dir, cors_origins=args.cors)
+    given = len(args.model) if isinstance(args.model, list) else 1
+    preload = list(models.entries)[1:min(given, args.models_max)]
+    return engine.lm, ServerState(models, config, metrics=metrics), preload
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -273,14 +346,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
     warning = exposure_warning(args.host, args.password)
     if warning:
         log.warning("%s", warning)
-    lm, state = build_state(args)
+    lm, state, preload = build_state(args)
+    engine = state.models.entries[state.models.default].require_engine()
     banner = (f"model {lm.path.name} ({lm.name}, {lm.config.arch}) on {lm.device}, context {lm.context}, "
-              f"{theta_state(lm, args)}, {state.engine.config.slots} slot(s), KV cache "
-              f"{'/'.join(lm.model.cache_types)} (a pool of {state.engine.cache_stats()['bytes_total'] / 2**20:.0f} MiB "
+              f"{theta_state(lm, args)}, {engine.config.slots} slot(s), KV cache "
+              f"{'/'.join(lm.model.cache_types)} (a pool of {engine.cache_stats()['bytes_total'] / 2**20:.0f} MiB "
               f"at most, used as tokens are cached), "
               f"context shift {'off' if args.noshift else 'on'}, batch-invariant decode "
               f"{'on' if args.deterministic else 'off'}, auth {'on' if args.password else 'off'}")
-    asyncio.run(serve(create_app(state), args.host, args.port, banner))
+    if state.models.several:
+        banner += f"; {len(state.models.entries)} models offered (--models-max {args.models_max})"
+    asyncio.run(serve(create_app(state, preload), args.host, args.port, banner))
     return 0
 
 

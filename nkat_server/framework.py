@@ -14,21 +14,22 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from pathlib import Path
+from typing import Any, AsyncContextManager, Awaitable, Callable
 
 from aiohttp import web
 
 from nkat_runtime import __version__
-from nkat_runtime.serve.engine import Engine
 
 from .errors import ApiError, error_response
+from .metrics import Metrics
+from .models import ModelEntry, ModelSet
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[["ServerState", web.Request], Awaitable[web.StreamResponse]]
 
 CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "*",
     "Access-Control-Allow-Headers": "*, Authorization, Content-Type, Accept, apikey, genkey, X-Requested-With, "
                                     "X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, "
@@ -45,27 +46,52 @@ class ServerConfig:
     keepalive_seconds: float = 15.0  # SSE comment after this long without output (OpenAI streams)
     body_timeout_seconds: float = 60.0  # the whole request body must arrive within this (slow uploads: 408)
     pooling: str = "mean"  # how embeddings pool the tokens' hidden states: mean or last
+    admin_password: str | None = None  # Bearer key of the admin routes; None = admin routes refused
+    slot_save_path: Path | None = None  # folder of /slots/{id}?action=save|restore files; None = refused
+    cors_origins: tuple[str, ...] = ("*",)  # origins browsers may call from ("*" = any, as KoboldCpp)
 
 
 @dataclass
 class ServerState:
-    engine: Engine
+    models: ModelSet
     config: ServerConfig
-    model_name: str  # the model file's base name
     started: float = field(default_factory=time.time)
     version: str = __version__
+    metrics: Metrics | None = None  # --metrics
 
-    @property
-    def model_id(self) -> str:
-        return f"koboldcpp/{self.model_name}"
+    def use(self, name: str | None = None) -> AsyncContextManager[ModelEntry]:
+        """The model a request names (None: the default), loaded and held while the block runs."""
+        return self.models.use(name)
 
     def authorised(self, request: web.Request) -> bool:
-        if not self.config.password:
-            return True
-        scheme, _, key = request.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(key.strip().encode("utf-8"), self.config.password.encode("utf-8"))
+        return _bearer_matches(request, self.config.password)
+
+    def admin(self, request: web.Request) -> None:
+        """Raise unless the request carries the admin password (403 when the server has none)."""
+        if not self.config.admin_password:
+            raise ApiError(403, "the admin routes are off: start the server with --admin-password", "unauthorized")
+        if not _bearer_matches(request, self.config.admin_password):
+            raise ApiError(401, "Authentication key for the admin routes is missing or invalid.", "unauthorized",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
+def _bearer_matches(request: web.Request, secret: str | None) -> bool:
+    if not secret:
+        return True
+    scheme, _, key = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(key.strip().encode("utf-8"), secret.encode("utf-8"))
+
+
+def model_field(body: Any, query: Any = None) -> str | None:
+    """The ``model`` a request names: the JSON body's field, else ``?model=`` (llama.cpp's GET routes)."""
+    name = body.get("model") if isinstance(body, dict) else None
+    if name is None and query is not None:
+        name = query.get("model")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, "'model' must be a string", param="model")
+    return name or None
 
 
 @dataclass(frozen=True)
@@ -75,9 +101,13 @@ class Route:
     handler: Handler
     dialect: str  # "kobold" | "openai" | "llamacpp": the shape of its error bodies
     protected: bool = False
+    statuses: tuple[int, ...] = ()  # answers beyond the common ones (openapi.statuses), e.g. 403 on admin routes
 
 
 class Router:
+    """Exact paths, KoboldCpp's suffix matching, and paths ending in one ``{name}`` segment
+    (``/slots/{id}``: the handler reads the segment with :func:`last_segment`)."""
+
     def __init__(self, routes: list[Route]) -> None:
         self.exact: dict[tuple[str, str], Route] = {}
         self.paths: dict[str, list[Route]] = {}
@@ -86,15 +116,23 @@ class Router:
             self.paths.setdefault(r.path, []).append(r)
         # KoboldCpp matches its API routes by suffix: longest first
         self.suffixes = sorted((p for p in self.paths if p.startswith(("/api/", "/v1/"))), key=len, reverse=True)
+        self.patterns = [p for p in self.paths if p.endswith("}") and "/{" in p]
 
     def find(self, method: str, path: str) -> tuple[Route | None, str | None]:
         """(route, None), or (None, the path that exists for another method) or (None, None)."""
         if path not in self.paths:
-            path = next((p for p in self.suffixes if path.endswith(p)), path)
+            head, _, tail = path.rpartition("/")
+            pattern = next((p for p in self.patterns if tail and p.rpartition("/")[0] == head), None)
+            path = pattern or next((p for p in self.suffixes if path.endswith(p)), path)
         route = self.exact.get((method, path))
         if route is not None:
             return route, None
         return None, path if path in self.paths else None
+
+
+def last_segment(request: web.Request) -> str:
+    """The ``{name}`` part of a pattern route's path."""
+    return request.path.rstrip("/").rpartition("/")[2]
 
 
 def dialect_of(path: str) -> str:
@@ -143,6 +181,13 @@ def make_dispatcher(state: ServerState, router: Router) -> Handler:
             return web.Response(status=200)
         route, other = router.find(request.method, path)
         dialect = route.dialect if route else dialect_of(path)
+        response = await _answer(request, route, other, dialect)
+        if state.metrics is not None:
+            state.metrics.request(route, response.status)
+        return response
+
+    async def _answer(request: web.Request, route: Route | None, other: str | None,
+                      dialect: str) -> web.StreamResponse:
         try:
             if route is None:
                 if other is not None:
@@ -162,6 +207,14 @@ def make_dispatcher(state: ServerState, router: Router) -> Handler:
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    origins = request.app["state"].config.cors_origins
+    origin = request.headers.get("Origin")
+    if "*" in origins:
+        response.headers.setdefault("Access-Control-Allow-Origin", "*")
+    elif origin and origin in origins:
+        response.headers.setdefault("Access-Control-Allow-Origin", origin)
+    if "*" not in origins:
+        response.headers.add("Vary", "Origin")
     for k, v in CORS_HEADERS.items():
         response.headers.setdefault(k, v)
     response.headers.setdefault("Cache-Control", "no-store")

@@ -11,20 +11,19 @@ from aiohttp import web
 
 from nkat_runtime.errors import ServerBusyError
 from nkat_runtime.request import GenerationEvent, GenerationOutcome, GenerationRequest
-from nkat_runtime.serve.engine import JobHandle
+from nkat_runtime.serve.engine import Engine, JobHandle
 
-from .framework import ServerState
 from .sse import ClientGone, SSEWriter
 
 log = logging.getLogger(__name__)
 
 
-async def submit(state: ServerState, greq: GenerationRequest) -> JobHandle:
+async def submit(engine: Engine, greq: GenerationRequest) -> JobHandle:
     """Tokenise and fit in a worker thread (long prompts take a while), then queue (503 when full)."""
-    if state.engine.is_full():  # fail fast, before tokenising
+    if engine.is_full():  # fail fast, before tokenising
         raise ServerBusyError("Server is busy; please try again later.")
-    prepared = await asyncio.to_thread(state.engine.prepare, greq)
-    return state.engine.submit(prepared)
+    prepared = await asyncio.to_thread(engine.prepare, greq)
+    return engine.submit(prepared)
 
 
 def warning_headers(handle: JobHandle) -> dict[str, str]:

@@ -67,10 +67,12 @@ BODIES: dict[str, dict[str, Any]] = {
 }
 STREAMING = {"/api/extra/generate/stream", "/v1/completions", "/completions", "/v1/completion",
              "/v1/chat/completions", "/chat/completions", "/completion", "/infill"}
+PAGES = {"/": "text/html", "/ui": "text/html", "/metrics": "text/plain"}  # 200s that are not JSON
 ERRORS = {"400": "malformed or invalid request", "401": "missing or wrong key (protected routes, with --password)",
           "404": "no such route", "405": "method not allowed on this route",
           "408": "the request body did not arrive in time", "413": "request body too large",
-          "503": "queue full or shutting down (Retry-After)"}
+          "403": "admin route on a server without --admin-password",
+          "409": "the model still runs requests (unload)",           "503": "queue full, model loading failed, or shutting down (Retry-After)"}
 
 
 def statuses(route: Route) -> set[int]:
@@ -80,7 +82,7 @@ def statuses(route: Route) -> set[int]:
         out |= {400, 408, 413}
     if route.protected:
         out.add(401)
-    return out
+    return out | set(route.statuses)
 
 
 def document(routes: list[Route], version: str) -> dict[str, Any]:
@@ -90,8 +92,8 @@ def document(routes: list[Route], version: str) -> dict[str, Any]:
         ok: dict[str, Any] = {"application/json": {"schema": {}}}
         if r.path in STREAMING:
             ok["text/event-stream"] = {"schema": {"type": "string"}}
-        if r.path == "/":
-            ok = {"text/html": {"schema": {"type": "string"}}}
+        if r.path in PAGES:
+            ok = {PAGES[r.path]: {"schema": {"type": "string"}}}
         responses = {"200": {"description": "success", "content": ok}}
         for code in sorted(statuses(r) - {200}):
             responses[str(code)] = {"description": ERRORS[str(code)], "content": error}

@@ -8,24 +8,30 @@ from __future__ import annotations
 from aiohttp import web
 
 from adapters import embeddings
+from nkat_runtime.serve.engine import Engine
 
-from .framework import Route, ServerState, json_response, read_json
+from .framework import Route, ServerState, json_response, model_field, read_json
 
 
-def _tokenize(state: ServerState):
-    return lambda text: state.engine.tokenize(text, add_special=True, parse_special=True)
+def _tokenize(engine: Engine):
+    return lambda text: engine.tokenize(text, add_special=True, parse_special=True)
 
 
 async def openai_embeddings(state: ServerState, request: web.Request) -> web.Response:
-    req = embeddings.parse_openai(await read_json(request, state), _tokenize(state), state.engine.lm.tokenizer.vocab_size)
-    vectors = await state.engine.embed(req.inputs, state.config.pooling, req.normalize)
-    return json_response(embeddings.openai_response(req, vectors, state.model_id))
+    body = await read_json(request, state)
+    async with state.use(model_field(body)) as m:
+        engine = m.require_engine()
+        req = embeddings.parse_openai(body, _tokenize(engine), engine.lm.tokenizer.vocab_size)
+        vectors = await engine.embed(req.inputs, state.config.pooling, req.normalize)
+    return json_response(embeddings.openai_response(req, vectors, m.id))
 
 
 async def llamacpp_embeddings(state: ServerState, request: web.Request) -> web.Response:
-    req = embeddings.parse_llamacpp(await read_json(request, state), _tokenize(state),
-                                    state.engine.lm.tokenizer.vocab_size)
-    vectors = await state.engine.embed(req.inputs, state.config.pooling, req.normalize)
+    body = await read_json(request, state)
+    async with state.use(model_field(body)) as m:
+        engine = m.require_engine()
+        req = embeddings.parse_llamacpp(body, _tokenize(engine), engine.lm.tokenizer.vocab_size)
+        vectors = await engine.embed(req.inputs, state.config.pooling, req.normalize)
     return json_response(embeddings.llamacpp_response(vectors))
 
 

@@ -9,17 +9,19 @@ from aiohttp import web
 
 from adapters import kobold
 from nkat_runtime.errors import InvalidRequestError
-from nkat_runtime.request import Choice
+from nkat_runtime.request import Choice, GenerationRequest
 from nkat_runtime.sampling.json_gbnf import schema_to_gbnf
+from nkat_runtime.serve.engine import Engine
 
 from .errors import ApiError, classify, error_payload
-from .framework import Route, ServerState, json_response, read_json
+from .framework import Route, ServerState, json_response, model_field, read_json
 from .jobs import events_with_keepalive, run_to_end, stream_guard, submit, warning_headers
 from .sse import SSEWriter
 
 
 async def model(state: ServerState, request: web.Request) -> web.Response:
-    return json_response(kobold.model_result(state.model_name, state.authorised(request)))
+    entry = state.models.find(model_field(None, request.query))
+    return json_response(kobold.model_result(entry.name, state.authorised(request)))
 
 
 async def info_version(state: ServerState, request: web.Request) -> web.Response:
@@ -27,11 +29,13 @@ async def info_version(state: ServerState, request: web.Request) -> web.Response
 
 
 async def max_length(state: ServerState, request: web.Request) -> web.Response:
-    return json_response({"value": state.engine.default_max_tokens})
+    async with state.use(model_field(None, request.query)) as m:
+        return json_response({"value": m.require_engine().default_max_tokens})
 
 
 async def max_context(state: ServerState, request: web.Request) -> web.Response:
-    return json_response({"value": state.engine.context})
+    async with state.use(model_field(None, request.query)) as m:
+        return json_response({"value": m.require_engine().context})
 
 
 async def soft_prompt(state: ServerState, request: web.Request) -> web.Response:
@@ -47,7 +51,8 @@ async def extra_version(state: ServerState, request: web.Request) -> web.Respons
 
 
 async def perf(state: ServerState, request: web.Request) -> web.Response:
-    return json_response(kobold.perf(state.engine.stats))
+    async with state.use(model_field(None, request.query)) as m:
+        return json_response(kobold.perf(m.require_engine().stats))
 
 
 async def preload_story(state: ServerState, request: web.Request) -> web.Response:
@@ -59,15 +64,23 @@ async def sd_models(state: ServerState, request: web.Request) -> web.Response:
 
 
 async def generate(state: ServerState, request: web.Request) -> web.Response:
-    greq = kobold.parse_generate(await read_json(request, state))
-    handle = await submit(state, greq)
-    outcome = await run_to_end(handle)
+    body = await read_json(request, state)
+    greq = kobold.parse_generate(body)
+    async with state.use(model_field(body)) as m:
+        handle = await submit(m.require_engine(), greq)
+        outcome = await run_to_end(handle)
     return json_response(kobold.generate_response(outcome), headers=warning_headers(handle))
 
 
 async def generate_stream(state: ServerState, request: web.Request) -> web.StreamResponse:
-    greq = kobold.parse_generate(await read_json(request, state))
-    handle = await submit(state, greq)
+    body = await read_json(request, state)
+    greq = kobold.parse_generate(body)
+    async with state.use(model_field(body)) as m:
+        return await _stream(m.require_engine(), request, greq)
+
+
+async def _stream(engine: Engine, request: web.Request, greq: GenerationRequest) -> web.StreamResponse:
+    handle = await submit(engine, greq)
     writer = SSEWriter(request, warning_headers(handle))
 
     async def body() -> AsyncIterator[None]:
@@ -95,26 +108,33 @@ async def check(state: ServerState, request: web.Request) -> web.Response:
     genkey = ""
     if request.method == "POST":
         genkey = kobold.parse_genkey(await read_json(request, state, required=False))
-    return json_response(kobold.check_response(state.engine.check(genkey)))
+    texts = [e.engine.check(genkey) for e in state.models.loaded() if e.engine is not None]
+    return json_response(kobold.check_response(next((t for t in texts if t), "")))
 
 
 async def abort(state: ServerState, request: web.Request) -> web.Response:
     genkey = kobold.parse_genkey(await read_json(request, state, required=False))
-    return json_response(kobold.abort_response(*state.engine.abort(genkey)))
+    answers = [e.engine.abort(genkey) for e in state.models.loaded() if e.engine is not None]
+    found = [a for a in answers if a[0]]
+    return json_response(kobold.abort_response(*(found[0] if found else (False, all(a[1] for a in answers)))))
 
 
 async def last_logprobs(state: ServerState, request: web.Request) -> web.Response:
     genkey = kobold.parse_genkey(await read_json(request, state, required=False))
-    return json_response({"logprobs": kobold.logprobs_object(state.engine.last_logprobs(genkey))})
+    found = [e.engine.last_logprobs(genkey) for e in state.models.loaded() if e.engine is not None]
+    return json_response({"logprobs": kobold.logprobs_object(next((f for f in found if f is not None), None))})
 
 
 async def tokencount(state: ServerState, request: web.Request) -> web.Response:
     try:
-        text, special = kobold.parse_tokencount(await read_json(request, state))
+        body = await read_json(request, state)
+        text, special = kobold.parse_tokencount(body)
+        name = model_field(body)
     except (InvalidRequestError, ApiError) as exc:
         status = exc.status if isinstance(exc, ApiError) else 400
         return json_response({"value": -1, "ids": [], **kobold.error_body(str(exc))}, status=status)
-    ids = state.engine.tokenize(text, add_special=special)
+    async with state.use(name) as m:
+        ids = m.require_engine().tokenize(text, add_special=special)
     return json_response({"value": len(ids), "ids": ids})
 
 
@@ -133,8 +153,10 @@ async def json_to_grammar(state: ServerState, request: web.Request) -> web.Respo
 
 async def detokenize(state: ServerState, request: web.Request) -> web.Response:
     try:
-        ids = kobold.parse_detokenize(await read_json(request, state))
-        text = state.engine.detokenize(ids)
+        body = await read_json(request, state)
+        ids = kobold.parse_detokenize(body)
+        async with state.use(model_field(body)) as m:
+            text = m.require_engine().detokenize(ids)
     except Exception as exc:  # noqa: BLE001 - KoboldCpp's own failure shape
         status = exc.status if isinstance(exc, ApiError) else 400
         return json_response({"result": "", "success": False, **kobold.error_body(str(exc))}, status=status)

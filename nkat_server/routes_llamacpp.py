@@ -14,8 +14,9 @@ from nkat_runtime.errors import InvalidRequestError
 from nkat_runtime.text.fim import fim_tokens, infill_prompt
 
 from .errors import classify, error_payload
-from .framework import Route, ServerState, json_response, read_json
+from .framework import Route, ServerState, json_response, model_field, read_json
 from .jobs import events_with_keepalive, run_to_end, stream_guard, submit, warning_headers
+from .models import ModelEntry
 from .sse import SSEWriter
 
 INDEX_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>NKAT server</title></head>
@@ -26,14 +27,15 @@ llama.cpp's routes (<code>/completion</code>, <code>/tokenize</code>, <code>/pro
 Point KoboldAI Lite, SillyTavern or an OpenAI client at this address.</p></body></html>"""
 
 
-def _settings(state: ServerState) -> dict:
-    return llamacpp.generation_settings(read_sampling(Fields({}), LLAMACPP_DEFAULTS), state.engine.context,
-                                        state.model_id)
+def _settings(model: ModelEntry) -> dict:
+    return llamacpp.generation_settings(read_sampling(Fields({}), LLAMACPP_DEFAULTS), model.require_engine().context,
+                                        model.id)
 
 
 async def index(state: ServerState, request: web.Request) -> web.Response:
-    return web.Response(text=INDEX_HTML.format(model=state.model_name, ctx=state.engine.context),
-                        content_type="text/html")
+    async with state.use() as m:
+        return web.Response(text=INDEX_HTML.format(model=m.name, ctx=m.require_engine().context),
+                            content_type="text/html")
 
 
 async def health(state: ServerState, request: web.Request) -> web.Response:
@@ -46,28 +48,37 @@ async def ping(state: ServerState, request: web.Request) -> web.Response:
 
 async def slots(state: ServerState, request: web.Request) -> web.Response:
     """llama.cpp's slot list: each KV-cache slot, whether it is generating, the tokens it holds."""
-    return json_response(state.engine.slot_info())
+    async with state.use(model_field(None, request.query)) as m:
+        return json_response(m.require_engine().slot_info())
 
 
 async def props(state: ServerState, request: web.Request) -> web.Response:
-    lm = state.engine.lm
+    async with state.use(model_field(None, request.query)) as m:
+        return json_response(_props(state, m))
+
+
+def _props(state: ServerState, m: ModelEntry) -> dict:
+    engine = m.require_engine()
+    lm = engine.lm
     tok = lm.tokenizer
-    return json_response({
-        "default_generation_settings": _settings(state),
-        "total_slots": state.engine.config.slots,
+    return {
+        "default_generation_settings": _settings(m),
+        "total_slots": engine.config.slots,
         "model_path": str(lm.path),
         "chat_template": lm.chat_template or "",
         "bos_token": tok.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
         "eos_token": tok.id_to_token(tok.eos_id) if tok.eos_id is not None else "",
         "build_info": f"nkat {state.version}",
         "modalities": {"vision": False, "audio": False},
-        "nkat": {**state.engine.batch_stats(), "kv_cache": state.engine.cache_stats()},
-    })
+        "nkat": {**engine.batch_stats(), "kv_cache": engine.cache_stats()},
+    }
 
 
 async def completion(state: ServerState, request: web.Request) -> web.StreamResponse:
-    greq, stream, return_tokens = llamacpp.parse_completion(await read_json(request, state))
-    return await _complete(state, request, greq, stream, return_tokens)
+    body = await read_json(request, state)
+    greq, stream, return_tokens = llamacpp.parse_completion(body)
+    async with state.use(model_field(body)) as m:
+        return await _complete(state, m, request, greq, stream, return_tokens)
 
 
 async def infill(state: ServerState, request: web.Request) -> web.StreamResponse:
@@ -75,23 +86,25 @@ async def infill(state: ServerState, request: web.Request) -> web.StreamResponse
     ``input_extra`` with the model's FIM tokens; the rest of the body as ``/completion``'s."""
     body = await read_json(request, state)
     prefix, suffix, extra, prompt = llamacpp.parse_infill(body)
-    lm = state.engine.lm
-    fim = fim_tokens(lm.gguf, lm.tokenizer)
-    if fim is None:
-        raise InvalidRequestError(f"{state.model_name} has no fill-in-the-middle tokens (FIM prefix/suffix/middle): "
-                                  "/infill needs a code model that has them, such as Qwen2.5-Coder")
     greq, stream, return_tokens = llamacpp.parse_completion({**body, "prompt": [0]})
-    greq.prompts = [infill_prompt(lm.tokenizer, fim, prefix, suffix, extra, prompt)]
-    return await _complete(state, request, greq, stream, return_tokens)
+    async with state.use(model_field(body)) as m:
+        lm = m.require_engine().lm
+        fim = fim_tokens(lm.gguf, lm.tokenizer)
+        if fim is None:
+            raise InvalidRequestError(f"{m.name} has no fill-in-the-middle tokens (FIM prefix/suffix/middle): "
+                                      "/infill needs a code model that has them, such as Qwen2.5-Coder")
+        greq.prompts = [infill_prompt(lm.tokenizer, fim, prefix, suffix, extra, prompt)]
+        return await _complete(state, m, request, greq, stream, return_tokens)
 
 
-async def _complete(state: ServerState, request: web.Request, greq, stream: bool,
+async def _complete(state: ServerState, m: ModelEntry, request: web.Request, greq, stream: bool,
                     return_tokens: bool) -> web.StreamResponse:
-    handle = await submit(state, greq)
-    settings = llamacpp.generation_settings(handle.prepared.gen.sampling, state.engine.context, state.model_id)
+    engine = m.require_engine()
+    handle = await submit(engine, greq)
+    settings = llamacpp.generation_settings(handle.prepared.gen.sampling, engine.context, m.id)
     if not stream:
         outcome = await run_to_end(handle)
-        results = [llamacpp.completion_result(c, outcome, state.model_id, settings, return_tokens)
+        results = [llamacpp.completion_result(c, outcome, m.id, settings, return_tokens)
                    for c in outcome.choices]
         return json_response(results[0] if len(results) == 1 else results, headers=warning_headers(handle))
 
@@ -106,7 +119,7 @@ async def _complete(state: ServerState, request: web.Request, greq, stream: bool
             elif event.kind == "done" and event.outcome is not None and not outcome_seen:
                 outcome_seen = True
                 for choice in event.outcome.choices:
-                    final = llamacpp.completion_result(choice, event.outcome, state.model_id, settings, return_tokens)
+                    final = llamacpp.completion_result(choice, event.outcome, m.id, settings, return_tokens)
                     final["content"] = ""
                     await writer.data(final)
             elif event.kind == "error" and event.error is not None:
@@ -118,16 +131,21 @@ async def _complete(state: ServerState, request: web.Request, greq, stream: bool
 
 
 async def tokenize(state: ServerState, request: web.Request) -> web.Response:
-    content, add_special, parse_special, with_pieces = llamacpp.parse_tokenize(await read_json(request, state))
-    ids = state.engine.tokenize(content, add_special=add_special, parse_special=parse_special)
-    if with_pieces:
-        return json_response({"tokens": [llamacpp.token_piece(i, state.engine.token_bytes(i)) for i in ids]})
+    body = await read_json(request, state)
+    content, add_special, parse_special, with_pieces = llamacpp.parse_tokenize(body)
+    async with state.use(model_field(body)) as m:
+        engine = m.require_engine()
+        ids = engine.tokenize(content, add_special=add_special, parse_special=parse_special)
+        if with_pieces:
+            return json_response({"tokens": [llamacpp.token_piece(i, engine.token_bytes(i)) for i in ids]})
     return json_response({"tokens": ids})
 
 
 async def detokenize(state: ServerState, request: web.Request) -> web.Response:
-    ids = llamacpp.parse_detokenize(await read_json(request, state))
-    return json_response({"content": state.engine.detokenize(ids)})
+    body = await read_json(request, state)
+    ids = llamacpp.parse_detokenize(body)
+    async with state.use(model_field(body)) as m:
+        return json_response({"content": m.require_engine().detokenize(ids)})
 
 
 def routes() -> list[Route]:

@@ -14,43 +14,50 @@ from nkat_runtime.request import GenerationRequest
 from nkat_runtime.text.chat_output import Delta, OutputFormat, OutputParser
 
 from .errors import classify, error_payload
-from .framework import Route, ServerState, json_response, read_json
+from .framework import Route, ServerState, json_response, model_field, read_json
 from .jobs import events_with_keepalive, run_to_end, stream_guard, submit, warning_headers
+from .models import ModelEntry
 from .sse import SSEWriter
 
 
 async def models(state: ServerState, request: web.Request) -> web.Response:
-    return json_response(openai.models_list(state.model_id, int(state.started)))
+    return json_response(openai.models_list(state.models.describe(), int(state.started)))
 
 
 async def completions(state: ServerState, request: web.Request) -> web.StreamResponse:
-    greq, opts = openai.parse_completion(await read_json(request, state))
-    return await _serve(state, request, greq, opts, chat=False)
+    body = await read_json(request, state)
+    greq, opts = openai.parse_completion(body)
+    async with state.use(model_field(body)) as model:
+        return await _serve(state, model, request, greq, opts, chat=False)
 
 
 async def chat_completions(state: ServerState, request: web.Request) -> web.StreamResponse:
-    greq, opts = openai.parse_chat(await read_json(request, state))
-    return await _serve(state, request, greq, opts, chat=True)
+    body = await read_json(request, state)
+    greq, opts = openai.parse_chat(body)
+    async with state.use(model_field(body)) as model:
+        return await _serve(state, model, request, greq, opts, chat=True)
 
 
 async def apply_template(state: ServerState, request: web.Request) -> web.Response:
     """llama.cpp's ``/apply-template``: a chat body's prompt text, without generating."""
-    greq, _ = openai.parse_chat(await read_json(request, state))
-    return json_response({"prompt": await asyncio.to_thread(state.engine.apply_template, greq)})
+    body = await read_json(request, state)
+    greq, _ = openai.parse_chat(body)
+    async with state.use(model_field(body)) as model:
+        return json_response({"prompt": await asyncio.to_thread(model.require_engine().apply_template, greq)})
 
 
-async def _serve(state: ServerState, request: web.Request, greq: GenerationRequest, opts: openai.StreamOptions,
-                 chat: bool) -> web.StreamResponse:
-    handle = await submit(state, greq)
+async def _serve(state: ServerState, model: ModelEntry, request: web.Request, greq: GenerationRequest,
+                 opts: openai.StreamOptions, chat: bool) -> web.StreamResponse:
+    handle = await submit(model.require_engine(), greq)
     fmt = handle.prepared.output or OutputFormat()
     if not opts.stream:
         outcome = await run_to_end(handle)
-        body = (openai.chat_response(outcome, state.model_id, [OutputParser(fmt).parse(c.text) for c in outcome.choices])
-                if chat else openai.completion_response(outcome, state.model_id, greq.echo))
+        body = (openai.chat_response(outcome, model.id, [OutputParser(fmt).parse(c.text) for c in outcome.choices])
+                if chat else openai.completion_response(outcome, model.id, greq.echo))
         return json_response(body, headers=warning_headers(handle))
 
     writer = SSEWriter(request, warning_headers(handle))
-    maker = openai.ChunkMaker(handle.id, int(time.time()), state.model_id, chat, opts.include_usage)
+    maker = openai.ChunkMaker(handle.id, int(time.time()), model.id, chat, opts.include_usage)
     prompt_texts = [p.text for p in handle.prepared.prompts]
 
     parsers: dict[int, OutputParser] = {}  # one per chat choice: its reply split as it streams

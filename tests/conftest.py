@@ -60,6 +60,22 @@ def wiki_text() -> str:
     return path.read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer():
+    """hf_gguf_tokenizer(path) -> transformers' tokenizer read from the GGUF file, built once per
+    run (for Gemma's 262k vocabulary it takes most of a minute): the tokenizer and logits
+    reference tests share it."""
+    cache: dict[Path, object] = {}
+
+    def get(path: Path):
+        if path not in cache:
+            transformers = pytest.importorskip("transformers")
+            cache[path] = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return cache[path]
+
+    return get
+
+
 @pytest.fixture(scope="session", autouse=True)
 def layout_cache(tmp_path_factory):
     """Packed layouts of this run's loads go to a folder of the run (tests load many throwaway

@@ -17,11 +17,11 @@ from ..errors import NKATError
 EXIT_USAGE = 2
 
 
-def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = None) -> None:
+def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = None, many: bool = False) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", "-m", default=None,
+    g.add_argument("--model", "-m", default=None, action="append" if many else "store",
                    help=f"a .gguf/.nkat file, or a bundled alias ({', '.join(bundled.ALIASES)}); "
-                        "default: the bundled Gemma 3 270M Q4_K_M")
+                        "default: the bundled Gemma 3 270M Q4_K_M" + ("; give it again to serve several" if many else ""))
     g.add_argument("--ctx", "--contextsize", dest="ctx", type=int, default=ctx_default,
                    help="context size in tokens (default: 4096, capped at the model's trained context)")
     g.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")
@@ -117,12 +117,13 @@ def setup_logging_and_threads(args: argparse.Namespace, level: int = logging.WAR
         torch.set_num_threads(threads)
 
 
-def load_from_args(args: argparse.Namespace, **kwargs):
-    """Resolve --model (path or alias), pick the device, load; kwargs go to ``load_model``."""
+def load_from_args(args: argparse.Namespace, path: Path | None = None, **kwargs):
+    """Resolve --model (path or alias) unless ``path`` is given, pick the device, load; kwargs go
+    to ``load_model``."""
     from ..bundled import resolve_model
     from ..loader import load_model, pick_device
 
-    path = resolve_model(args.model)
+    path = path or resolve_model(args.model)
     device = pick_device(args.device, no_cuda=args.no_cuda)
     kwargs.setdefault("reference", bool(getattr(args, "reference_math", False)))
     kwargs.setdefault("compile", bool(getattr(args, "compile", False)))

@@ -36,6 +36,7 @@ from ..request import (
 from ..sampling.chain import make_generator
 from .chat import chat_prompt
 from .embedding import embed
+from .observer import NoObserver, Observer
 from .prepare import Prepared, Preparer
 from .scheduler import Scheduler, SchedulerConfig, Task
 from .sequence import SequenceRun
@@ -56,6 +57,8 @@ class Job:
         self.logprobs: list[TokenLogprob] | None = None
         self.left = 0  # sequences not yet ended
         self.failed = False
+        self.submitted = time.perf_counter()
+        self.last_piece: dict[int, float] = {}  # per choice: when its last piece of text went out
 
     def emit(self, event: GenerationEvent) -> None:
         try:
@@ -103,7 +106,8 @@ class JobHandle:
 
 class Engine:
     def __init__(self, lm: LoadedModel, *, max_queue: int = 6, default_max_tokens: int = 512,
-                 config: SchedulerConfig | None = None, chat_defaults: ChatOptions | None = None) -> None:
+                 config: SchedulerConfig | None = None, chat_defaults: ChatOptions | None = None,
+                 observer: Observer | None = None) -> None:
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         self.lm = lm
@@ -114,6 +118,7 @@ class Engine:
         self.preparer = Preparer(lm, default_max_tokens, context_shift=self.config.context_shift,
                                  chat_defaults=chat_defaults)
         self.stats = EngineStats()
+        self.observer = observer or NoObserver()
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._calls: deque[tuple[Callable[[Scheduler], Any], asyncio.AbstractEventLoop, asyncio.Future]] = deque()
@@ -342,6 +347,13 @@ class Engine:
 
     def _text_sink(self, job: Job, index: int):
         def on_text(piece: str) -> None:
+            now = time.perf_counter()
+            last = job.last_piece.get(index)
+            if last is None:
+                self.observer.first_token(now - job.submitted)
+            else:
+                self.observer.next_token(now - last)
+            job.last_piece[index] = now
             if index == 0:
                 job.partial += piece
             job.emit(GenerationEvent("text", index=index, text=piece))
@@ -382,6 +394,7 @@ class Engine:
             self.stats.last_end = time.time()
         if not job.failed:
             job.emit(GenerationEvent("done", outcome=outcome))
+        self.observer.job_done(outcome.prompt_tokens, outcome.completion_tokens, job.aborted.is_set())
         log.info("job %s: %d prompt + %d generated tokens, prefill %.2f s, decode %.2f s%s", job.id[:8],
                  outcome.prompt_tokens, outcome.completion_tokens, outcome.prefill_seconds, outcome.decode_seconds,
                  " (aborted)" if job.aborted.is_set() else "")

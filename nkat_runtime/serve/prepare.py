@@ -157,7 +157,7 @@ class Preparer:
         gen = GenerationParams(max(p.max_new for p in prompts), params, stop, frozenset() if req.bypass_eos else frozenset(stop_ids), phrases,
                                logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None,
                                include_stop=not req.trim_stop, skip_special=not req.render_special,
-                               cache_prompt=req.cache_prompt, constraint=constraint,
+                               cache_prompt=req.cache_prompt, constraint=constraint, min_tokens=req.min_tokens,
                                shown_ids=chat.shown_ids if chat is not None else frozenset())
         return Prepared(req, prompts, gen, seed, truncated, warnings, chat.output if chat is not None else None)
 

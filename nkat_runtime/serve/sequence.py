@@ -48,6 +48,7 @@ class GenerationParams:
     cache_prompt: bool = True  # False: reuse nothing cached (llama.cpp's cache_prompt)
     constraint: Callable[[], Constraint] | None = None  # a grammar: makes each sequence's matcher
     shown_ids: frozenset[int] = frozenset()  # control tokens printed anyway (markers the reply parser reads)
+    min_tokens: int = 0  # the first this many tokens cannot be end-of-generation tokens
 
 
 class StopMatcher:
@@ -162,6 +163,8 @@ class SequenceRun:
         self.decoder = self._decoder()
         self.offsets: list[int] = []  # text length after each generated token
         self.position_bans: dict[int, set[int]] = {}
+        for t in range(params.min_tokens if self.max_new < 0 else min(params.min_tokens, self.max_new)):
+            self.position_bans[t] = set(lm.tokenizer.stop_ids) | self.stop_set
         self.backtracks = 0
         self.text, self.emitted = "", 0
         self.hit_stop_string: str | None = None

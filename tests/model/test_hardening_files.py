@@ -4,7 +4,7 @@ long fuzz: ``tests/slow/``).
 * Fuzz: ``gguf_fuzz.py`` mutates small real GGUF and .nkat files (bit flips, truncation, huge
   counts and lengths, out-of-file / overlapping / unaligned offsets, huge dimensions, unknown
   types, NaN and inf scales) and loads each one in a worker under a memory limit and a
-  watchdog. ``NKAT_FUZZ_CASES`` sets the case count (the fast tier: 800; the slow tier's test_fuzz_long runs 10,000).
+  watchdog. ``NKAT_FUZZ_CASES`` sets the case count (the fast tier: 800; the slow tier's test_fuzz_long runs 5,000).
 * A chat template that reaches for Python internals, carried in a generated GGUF, is refused and
   the server keeps serving.
 """

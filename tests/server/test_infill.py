@@ -11,6 +11,8 @@ import pytest
 from nkat_runtime.text.fim import FimTokens, fim_tokens, infill_prompt
 from serverproc import Server, sse_data
 
+pytestmark = pytest.mark.slow  # Qwen2.5-Coder-0.5B in a server of its own: the slow tier
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

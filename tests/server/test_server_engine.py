@@ -201,3 +201,15 @@ def test_stream_never_splits_a_utf8_character(engine, monkeypatch):
     monkeypatch.setattr(scheduler, "sample_batch", lambda logits, rows: [next(script) for _ in rows])  # the batch's
     out, pieces = run(engine, req(max_tokens=len(raw)))
     assert pieces[0] == ["😀", "é"] and out.choices[0].text == "😀é"
+
+
+def test_min_tokens_holds_off_the_end(engine):
+    """SillyTavern's / vLLM's min_tokens: end-of-generation tokens are banned for that many tokens,
+    then allowed again (a +100 bias makes EOS the greedy choice at every step)."""
+    eos = engine.lm.tokenizer.eos_id
+    eager = req(max_tokens=12, ban_eos=False, logit_bias={eos: 100.0})
+    out, _ = run(engine, eager)
+    assert out.choices[0].completion_tokens == 0 and out.choices[0].finish_reason == "stop"
+    held, _ = run(engine, dataclasses.replace(eager, min_tokens=5))
+    c = held.choices[0]
+    assert c.completion_tokens == 5 and c.finish_reason == "stop" and eos not in c.token_ids

@@ -25,11 +25,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", params=MODELS)
-def pair(request, model_path):
+def pair(request, model_path, hf_gguf_tokenizer):
     transformers = pytest.importorskip("transformers")
     path = model_path(request.param)
     ours = load_model(path, device="cpu", context=512, progress=False, reference=True)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf_tok = hf_gguf_tokenizer(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     hf.eval()
     yield request.param, ours, hf, hf_tok

@@ -65,8 +65,7 @@ class Pair:
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
-def pair(request: pytest.FixtureRequest) -> Pair:
-    transformers = pytest.importorskip("transformers")
+def pair(request: pytest.FixtureRequest, hf_gguf_tokenizer) -> Pair:
     gguf = pytest.importorskip("gguf")
     try:
         path = MODELS[request.param]()
@@ -75,7 +74,7 @@ def pair(request: pytest.FixtureRequest) -> Pair:
     reader = gguf.GGUFReader(path)
     meta = {f.name: f.contents() for f in reader.fields.values() if f.name.startswith(("tokenizer.", "general."))}
     ours = Tokenizer.from_metadata(meta)
-    hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf = hf_gguf_tokenizer(path)
     encode = hf.encode
     if meta.get("tokenizer.ggml.pre") == "smollm":
         # transformers' GGUF loader does not know pre "smollm" and splits with the bare GPT-2 regex;

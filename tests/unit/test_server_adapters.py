@@ -213,3 +213,14 @@ def test_sillytavern_sends_grammar_and_grammar_string_one_empty():
     assert req.grammar.text == 'root ::= "b"' and req.grammar.field == "grammar"
     req, _ = openai.parse_completion(ST_KOBOLDCPP)  # both empty: no grammar
     assert req.grammar is None
+
+
+def test_sillytavern_fields_beyond_the_kobold_set():
+    """min_tokens and skip_special_tokens are honoured, nsigma / top_n_sigma too; min_keep and
+    adaptive-p have no sampler here and say so in a warning (docs/server.md lists them)."""
+    req, _ = openai.parse_completion({"prompt": "x", "min_tokens": 7, "skip_special_tokens": False, "nsigma": 1.5})
+    assert req.min_tokens == 7 and req.render_special and req.sampling.top_n_sigma == 1.5 and not req.warnings
+    req, _ = openai.parse_completion({"prompt": "x", "min_keep": 0, "adaptive_target": -1, "top_n_sigma": 2})
+    assert req.min_tokens == 0 and not req.render_special and req.sampling.top_n_sigma == 2 and not req.warnings
+    req = kobold.parse_generate({"prompt": "x", "min_keep": 5, "adaptive_target": 0.7, "adaptive_decay": 0.9})
+    assert len(req.warnings) == 2 and "min_keep" in req.warnings[0] and "adaptive" in req.warnings[1]
