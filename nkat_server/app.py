@@ -9,7 +9,7 @@ from typing import Sequence
 
 from aiohttp import web
 
-from . import routes_embeddings, routes_kobold, routes_llamacpp, routes_models, routes_openai
+from . import routes_embeddings, routes_kobold, routes_llamacpp, routes_models, routes_openai, routes_slots, routes_ui
 from .errors import ApiError
 from .framework import Route, Router, ServerState, json_response, make_dispatcher, on_prepare
 from .metrics import metrics_route
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def create_app(state: ServerState, preload: Sequence[str] = ()) -> web.Application:
     """The application; ``preload`` names models to load in the background once it serves."""
     routes = (routes_kobold.routes() + routes_openai.routes() + routes_llamacpp.routes() + routes_embeddings.routes()
-              + routes_models.routes())
+              + routes_models.routes() + routes_slots.routes() + routes_ui.routes())
 
     async def openapi(state: ServerState, request: web.Request) -> web.Response:
         return json_response(document(routes, state.version))

@@ -64,6 +64,8 @@ BODIES: dict[str, dict[str, Any]] = {
                      **_SAMPLING}),
     "/v1/embeddings": EMBEDDING_INPUT, "/api/extra/embeddings": EMBEDDING_INPUT,
     "/embedding": LLAMACPP_EMBEDDING, "/embeddings": LLAMACPP_EMBEDDING,
+    "/slots/{id}": _obj({"filename": _STR}), "/models/load": _obj({"model": _STR}, ("model",)),
+    "/models/unload": _obj({"model": _STR}, ("model",)), "/models/reload": _obj({"model": _STR}, ("model",)),
 }
 STREAMING = {"/api/extra/generate/stream", "/v1/completions", "/completions", "/v1/completion",
              "/v1/chat/completions", "/chat/completions", "/completion", "/infill"}
@@ -72,7 +74,8 @@ ERRORS = {"400": "malformed or invalid request", "401": "missing or wrong key (p
           "404": "no such route", "405": "method not allowed on this route",
           "408": "the request body did not arrive in time", "413": "request body too large",
           "403": "admin route on a server without --admin-password",
-          "409": "the model still runs requests (unload)",           "503": "queue full, model loading failed, or shutting down (Retry-After)"}
+          "409": "the model still runs requests (unload); the slot is busy (slot actions)",
+          "503": "queue full, model loading failed, or shutting down (Retry-After)"}
 
 
 def statuses(route: Route) -> set[int]:

@@ -1,5 +1,5 @@
 """llama.cpp server's native routes (``/health``, ``/props``, ``/completion``, ``/tokenize``,
-``/detokenize``) and the small probes (``/``, ``/ping``, ``/slots``)."""
+``/detokenize``) and the small probes (``/ping``, ``/slots``)."""
 
 from __future__ import annotations
 
@@ -19,23 +19,10 @@ from .jobs import events_with_keepalive, run_to_end, stream_guard, submit, warni
 from .models import ModelEntry
 from .sse import SSEWriter
 
-INDEX_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>NKAT server</title></head>
-<body><h1>NKAT server</h1><p>Model: {model} &middot; context {ctx} tokens</p>
-<p>This server speaks the KoboldCpp API (<code>/api/v1/generate</code>, <code>/api/extra/generate/stream</code>),
-the OpenAI API (<code>/v1/completions</code>, <code>/v1/chat/completions</code>, <code>/v1/models</code>) and
-llama.cpp's routes (<code>/completion</code>, <code>/tokenize</code>, <code>/props</code>).
-Point KoboldAI Lite, SillyTavern or an OpenAI client at this address.</p></body></html>"""
-
 
 def _settings(model: ModelEntry) -> dict:
     return llamacpp.generation_settings(read_sampling(Fields({}), LLAMACPP_DEFAULTS), model.require_engine().context,
                                         model.id)
-
-
-async def index(state: ServerState, request: web.Request) -> web.Response:
-    async with state.use() as m:
-        return web.Response(text=INDEX_HTML.format(model=m.name, ctx=m.require_engine().context),
-                            content_type="text/html")
 
 
 async def health(state: ServerState, request: web.Request) -> web.Response:
@@ -150,7 +137,6 @@ async def detokenize(state: ServerState, request: web.Request) -> web.Response:
 
 def routes() -> list[Route]:
     return [
-        Route("GET", "/", index, "llamacpp"),
         Route("GET", "/health", health, "llamacpp"),
         Route("GET", "/ping", ping, "llamacpp"),
         Route("GET", "/slots", slots, "llamacpp"),

@@ -105,6 +105,15 @@ class BlockPool:
             self._drop(block)
         table.clear()
 
+    def forget(self, blocks: Sequence[int]) -> None:
+        """Unregister those of ``blocks`` that no table holds: plain free blocks from now on, found
+        by no prefix lookup (an erased slot's content)."""
+        for block in blocks:
+            if self.refs[block] == 0 and block in self._key_of:
+                self._forget(block)
+                del self._cached[block]
+                heapq.heappush(self._free, block)
+
     def truncate(self, table: list[int], n_tokens: int) -> None:
         """Keep the blocks that hold the first ``n_tokens`` positions, give back the rest."""
         keep = self.blocks_for(n_tokens)
