@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-rank", type=int, default=None, help="fix θ's rank and search γ only")
     p.add_argument("--reference", default=None, help="a finer GGUF of the same model: residual θ")
     p.add_argument("--calibration", default=None, help="text for activation-aware residual θ (default built-in)")
+    p.add_argument("--activation-stats", choices=("mean-abs", "second-moment"), default="mean-abs",
+                   help="residual θ's calibration statistic: mean-abs = per-channel mean |x| (LQER-style scaling), "
+                        "second-moment = the inputs' E[x·xᵀ], whose whitening minimises the layer's output error "
+                        "(QERA)")
     p.add_argument("--eval-file", default=None, help="text for perplexity (default: a built-in Wikipedia excerpt)")
     p.add_argument("--eval-chunks", type=int, default=None, help="perplexity chunks of --ctx tokens per trial")
     p.add_argument("--ctx", type=int, default=512, help="perplexity chunk size (default 512)")
@@ -68,6 +72,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         calibration=Path(args.calibration) if args.calibration else None,
         eval_file=Path(args.eval_file) if args.eval_file else None, eval_chunks=args.eval_chunks or chunks,
         ctx=args.ctx, decode_steps=args.decode_steps or steps, target_rank=args.target_rank,
+        activation=args.activation_stats,
         device=str(pick_device(args.device, args.no_cuda)), progress=not args.quiet)
     if cfg.reference is not None and not cfg.reference.is_file():
         raise ValueError(f"reference not found: {cfg.reference}")

@@ -28,12 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "compensation against --reference (default: residual when --reference is given)")
     p.add_argument("--reference", default=None, help="a finer GGUF of the same model (residual mode)")
     p.add_argument("--calibration", default=None, help="text for activation-aware residual θ (default: built-in)")
+    p.add_argument("--activation-stats", choices=("mean-abs", "second-moment"), default="mean-abs",
+                   help="residual θ's calibration statistic: mean-abs = per-channel mean |x| (LQER-style scaling), "
+                        "second-moment = the inputs' E[x·xᵀ], whose whitening minimises the layer's output error "
+                        "(QERA)")
     p.add_argument("--no-calibration", action="store_true", help="plain SVD of the residual (no activation scaling)")
     p.add_argument("--selective-layers", nargs="+", default=None, metavar="NAME",
                    help="θ only on these weights: GGUF, Meta or Hugging Face names, or globs")
     p.add_argument("--optimize-rank", action="store_true",
                    help="per weight, the smallest rank whose θ captures --energy of the target's energy")
     p.add_argument("--energy", type=float, default=0.5, help="energy share for --optimize-rank (default 0.5)")
+    p.add_argument("--theta-budget", type=float, default=None, metavar="MIB",
+                   help="residual θ: choose each weight's rank (up to --max-rank) so θ adds at most MIB MiB, "
+                        "greedily where a rank removes the most residual energy per byte (theta/ranks.py)")
     p.add_argument("--max-rank", type=int, default=32, help="largest rank --optimize-rank may pick (default 32)")
     p.add_argument("--target-size", type=int, default=1024,
                    help="largest side a full SVD may take; beyond it a randomised SVD (default 1024)")
@@ -76,7 +83,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         mode=args.mode, reference=alias(args.reference) if args.reference else None,
         calibration=Path(args.calibration) if args.calibration else None, use_calibration=not args.no_calibration,
         selective_layers=args.selective_layers, target_size=args.target_size, optimize_rank=args.optimize_rank,
-        energy_target=args.energy, max_rank=args.max_rank, dry_run=args.dry_run,
+        energy_target=args.energy, max_rank=args.max_rank, dry_run=args.dry_run, activation=args.activation_stats,
+        budget_bytes=int(args.theta_budget * 2**20) if args.theta_budget is not None else None,
     )
     res = convert(opts)
     aware = " (activation-aware)" if res.activation_aware else ""

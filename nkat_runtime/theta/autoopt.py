@@ -22,10 +22,10 @@ from ..eval.perplexity import perplexity_of_tokens
 from ..gguf.reader import open_gguf
 from ..loader import load_model
 from ..model.theta_linear import ThetaLinear, set_theta_gamma
+from .calibrate import calibration_stats
 from .convert import (
     BUILTIN_CALIBRATION,
     TargetSVD,
-    calibration_mean_abs,
     check_reference,
     plan_targets,
     target_svds,
@@ -51,6 +51,7 @@ class SearchConfig:
     target_rank: int | None = None
     device: str | None = None
     progress: bool = True
+    activation: str = "mean-abs"  # residual θ's calibration statistic (theta/calibrate.py)
 
     @property
     def theta_mode(self) -> str:
@@ -96,7 +97,8 @@ class ThetaSearch:
             cal = cfg.calibration or BUILTIN_CALIBRATION
             if not Path(cal).is_file():
                 raise NKATError(f"calibration text not found: {cal}")
-            scales = calibration_mean_abs(cfg.model, self.targets, Path(cal).read_text(encoding="utf-8"), 4)
+            scales = calibration_stats(cfg.model, self.targets, Path(cal).read_text(encoding="utf-8"), 4,
+                                       cfg.activation, progress=cfg.progress)
         self.svds: dict[str, TargetSVD] = target_svds(cfg.theta_mode, self.src, self.targets, ref, scales,
                                                       max(cfg.ranks), progress=cfg.progress)
         self.lm = load_model(cfg.model, device=cfg.device, context=cfg.ctx, progress=cfg.progress, theta=False)

@@ -25,9 +25,12 @@ from ..errors import NKATError
 from ..gguf.names import BLOCK_WEIGHT, select, to_gguf
 from ..gguf.reader import GGUFFile, open_gguf
 from ..gguf.writer import write_derived_gguf
+from .calibrate import STATS, Whitening, calibration_stats, whitening
 from .factors import ThetaFactors, theta_tensor_names
+from .ranks import allocate
 from .svd import (
     DEFAULT_TARGET_SIZE,
+    Scale,
     SVDResult,
     activation_scale,
     moyal_factors,
@@ -65,6 +68,8 @@ class ConvertOptions:
     energy_target: float = 0.5  # --optimize-rank: share of the target's energy θ must capture
     max_rank: int = 32
     calibration_chunks: int = 4
+    activation: str = "mean-abs"  # calibration statistic: mean-abs (LQER) or second-moment (QERA)
+    budget_bytes: int | None = None  # ranks per target chosen to fit this many θ bytes (theta/ranks.py)
     dry_run: bool = False
     progress: bool = True
 
@@ -143,6 +148,11 @@ def check_paths(opts: ConvertOptions) -> None:
         raise ConvertError(f"unknown mode {opts.mode!r} (moyal or residual)")
     if opts.resolved_mode == "residual" and opts.reference is None:
         raise ConvertError("residual mode needs --reference (a finer GGUF of the same model)")
+    if opts.budget_bytes is not None and (opts.budget_bytes <= 0 or opts.optimize_rank
+                                          or opts.resolved_mode != "residual"):
+        raise ConvertError("--theta-budget needs residual mode, a size > 0, and no --optimize-rank")
+    if opts.activation not in STATS:
+        raise ConvertError(f"unknown --activation-stats {opts.activation!r} ({' or '.join(STATS)})")
     if opts.target_size < 8:
         raise ConvertError("--target-size must be >= 8")
 
@@ -157,37 +167,6 @@ def check_reference(src: GGUFFile, ref: GGUFFile) -> None:
                                f"reference {ref.tensors[name].shape}")
 
 
-def calibration_mean_abs(path: Path, targets: list[str], text: str, chunks: int, ctx: int = 512) -> dict[str, torch.Tensor]:
-    """Mean |x| per input channel of each target's input, over ``chunks`` chunks of ``text``."""
-    from ..loader import load_model
-
-    lm = load_model(path, device="cpu", context=ctx, progress=False, theta=False)
-    modules = lm.model.linear_modules()
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name in targets:
-        if name not in modules:
-            continue
-
-        def hook(_mod, inputs, _out, name=name):
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.abs().sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        hooks.append(modules[name].register_forward_hook(hook))
-    ids = lm.tokenizer.encode(text, add_special=True)
-    n = max(1, min(chunks, len(ids) // ctx))
-    try:
-        for i in range(n):
-            chunk = ids[i * ctx : (i + 1) * ctx]
-            lm.model(torch.tensor([chunk]), torch.arange(len(chunk)), last_only=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: sums[k] / counts[k] for k in sums}
-
-
 def _dequant(g: GGUFFile, name: str) -> torch.Tensor:
     t = g.tensor(name)
     return quant.dequantize(t.raw_tensor(), t.qtype, t.shape)
@@ -199,7 +178,7 @@ class TargetSVD:
 
     shape: tuple[int, ...]
     svd: SVDResult
-    scale: torch.Tensor | None  # activation scale (residual, activation-aware)
+    scale: Scale | None  # activation scale or whitening (residual, activation-aware)
 
     def factors(self, mode: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         if mode == "moyal":
@@ -207,14 +186,27 @@ class TargetSVD:
         return residual_factors(self.svd, rank, self.scale)
 
 
+def _scale(stat: torch.Tensor, whitened: dict[int, Whitening]) -> Scale:
+    """mean |x| → a floored per-channel scale; E[x·xᵀ] → its whitening, computed once per shared
+    input (q/k/v and gate/up share the tensor object; ``whitened`` is the caller's cache)."""
+    if stat.dim() == 1:
+        return activation_scale(stat)
+    if id(stat) not in whitened:
+        if len(whitened) >= 4:  # one layer's inputs at most (a file may list attn_output between q and k)
+            whitened.pop(next(iter(whitened)))
+        whitened[id(stat)] = whitening(stat)
+    return whitened[id(stat)]
+
+
 def target_svds(mode: str, src: GGUFFile, targets: list[str], ref: GGUFFile | None,
                 scales: dict[str, torch.Tensor] | None, max_rank: int, target_size: int = DEFAULT_TARGET_SIZE,
                 progress: bool = True) -> dict[str, TargetSVD]:
     """The truncated SVD (rank ``max_rank``) of every target's θ source matrix."""
     out: dict[str, TargetSVD] = {}
+    whitened: dict[int, Whitening] = {}
     for name in tqdm(targets, desc="θ by SVD", unit="tensor", disable=not progress):
         w = _dequant(src, name)
-        scale = activation_scale(scales[name]) if scales and name in scales else None
+        scale = _scale(scales[name], whitened) if scales and name in scales else None
         m = w if mode == "moyal" else residual_matrix(w, _dequant(ref, name), scale)  # type: ignore[arg-type]
         out[name] = TargetSVD(tuple(w.shape), truncated_svd(m, max_rank, target_size), scale)
     return out
@@ -223,10 +215,15 @@ def target_svds(mode: str, src: GGUFFile, targets: list[str], ref: GGUFFile | No
 def compute_theta(opts: ConvertOptions, src: GGUFFile, targets: list[str], ref: GGUFFile | None,
                   scales: dict[str, torch.Tensor] | None) -> dict[str, tuple[ThetaFactors, float]]:
     mode = opts.resolved_mode
-    max_r = opts.max_rank if opts.optimize_rank else opts.rank
+    max_r = opts.max_rank if opts.optimize_rank or opts.budget_bytes else opts.rank
     out: dict[str, tuple[ThetaFactors, float]] = {}
-    for name, t in target_svds(mode, src, targets, ref, scales, max_r, opts.target_size, opts.progress).items():
-        rank = opts.rank
+    svds = target_svds(mode, src, targets, ref, scales, max_r, opts.target_size, opts.progress)
+    budget = allocate({n: (t.shape, t.svd) for n, t in svds.items()}, opts.budget_bytes, max_r) \
+        if opts.budget_bytes else {}
+    for name, t in svds.items():
+        rank = budget.get(name, opts.rank)
+        if opts.budget_bytes and rank == 0:
+            continue  # its residual buys less than the others': no θ on it
         if opts.optimize_rank:
             fits = [r for r in OPTIMIZE_RANKS if r <= max_r and t.svd.energy_share(r) >= opts.energy_target]
             rank = fits[0] if fits else max_r
@@ -285,7 +282,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         if not Path(cal_path).is_file():
             raise ConvertError(f"calibration text not found: {cal_path}")
         text = Path(cal_path).read_text(encoding="utf-8")
-        scales = calibration_mean_abs(opts.input, targets, text, opts.calibration_chunks)
+        scales = calibration_stats(opts.input, targets, text, opts.calibration_chunks, opts.activation,
+                                   progress=opts.progress)
     result = ConvertResult(output=None, mode=mode, activation_aware=aware)
     thetas = compute_theta(opts, src, targets, ref, scales)
     for name, (f, share) in thetas.items():

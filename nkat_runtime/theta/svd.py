@@ -5,7 +5,9 @@
 - ``residual``: θ = the rank-r part of 2·(W_ref − W_q), so that γ = 1 adds back the best
   rank-r share of what quantisation lost; with per-input-channel activation scales
   (mean |x| on a calibration text) the SVD is taken of the scaled residual and unscaled
-  after (LQER's activation-aware variant).
+  after (LQER's activation-aware variant); with the inputs' second-moment matrix R it is taken
+  of ΔW·R^{1/2} and multiplied by R^{-1/2} after, which minimises the output error over the
+  calibration inputs (QERA; :mod:`.calibrate`).
 
 Each function returns ``(left [out, k], right [k, in])`` with θ = left·right, the singular
 values split evenly between the two so both factors quantise well to int8.
@@ -14,8 +16,14 @@ values split evenly between the two so both factors quantise well to int8.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from .calibrate import Whitening
+
+Scale = Union[torch.Tensor, "Whitening"]  # a per-channel scale, or a whitening pair
 
 DEFAULT_TARGET_SIZE = 1024
 
@@ -69,19 +77,24 @@ def moyal_factors(w: torch.Tensor, svd: SVDResult, rank: int) -> tuple[torch.Ten
     return left, right
 
 
-def residual_matrix(w_q: torch.Tensor, w_ref: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """2·(W_ref − W_q), its columns scaled by the activation scale when given."""
+def residual_matrix(w_q: torch.Tensor, w_ref: torch.Tensor, act_scale: "Scale | None" = None) -> torch.Tensor:
+    """2·(W_ref − W_q), its columns scaled by the activation scale (a vector) or whitened by
+    R^{1/2} (a :class:`~nkat_runtime.theta.calibrate.Whitening`) when given."""
     e = 2.0 * (w_ref.float() - w_q.float())
-    if act_scale is not None:
+    if isinstance(act_scale, torch.Tensor):
         e = e * act_scale.float()[None, :]
+    elif act_scale is not None:
+        e = e @ act_scale.sqrt
     return e
 
 
-def residual_factors(svd: SVDResult, rank: int, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of the residual's rank-r part (undoing the activation scaling)."""
+def residual_factors(svd: SVDResult, rank: int, act_scale: "Scale | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the residual's rank-r part (undoing the activation scaling or whitening)."""
     left, right = svd.factors(rank)
-    if act_scale is not None:
+    if isinstance(act_scale, torch.Tensor):
         right = right / act_scale.float()[None, :]
+    elif act_scale is not None:
+        right = right @ act_scale.inv_sqrt
     return left, right
 
 

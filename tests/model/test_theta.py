@@ -217,3 +217,23 @@ def test_optimize_rank_picks_smallest_rank_reaching_the_energy(tiny_model, tmp_p
         smaller = [q for q in (1, 2, 4, 6) if q < r]
         assert all(svd.energy_share(q) < 0.3 for q in smaller), t.name
     assert len({t.rank for t in res.targets}) > 1  # ranks differ per weight
+
+
+def test_second_moment_and_byte_budget(tiny_model, tmp_path):
+    """--activation-stats second-moment (QERA's whitening) and --theta-budget: the file loads, θ's
+    bytes stay within the budget, and the budget's ranks differ by tensor."""
+    from nkat_runtime.theta.ranks import rank_bytes
+
+    fine = tiny_model("llama", seed=0)
+    requantize(fine, tmp_path / "coarse.gguf", "Q4_0", progress=False)
+    src = open_gguf(tmp_path / "coarse.gguf")
+    shapes = [tuple(reversed(t.shape)) for n, t in src.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    budget = sum(rank_bytes(s, 4) for s in shapes)
+    res = _convert(tmp_path / "coarse.gguf", tmp_path / "b.nkat", rank=4, gamma=1.0, reference=fine,
+                   activation="second-moment", budget_bytes=budget, max_rank=16)
+    assert res.activation_aware and 0 < res.bytes_added <= budget
+    assert len({t.rank for t in res.targets}) > 1
+    lm = load_model(tmp_path / "b.nkat", context=32, progress=False)
+    assert len(theta_layers(lm.model)) == len(res.targets)
+    bad = _cli("-i", str(tmp_path / "coarse.gguf"), "-o", str(tmp_path / "x.nkat"), "--theta-budget", "0")
+    assert bad.returncode == 2 and "--theta-budget" in bad.stderr and not (tmp_path / "x.nkat").exists()
