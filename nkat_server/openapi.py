@@ -75,7 +75,8 @@ ERRORS = {"400": "malformed or invalid request", "401": "missing or wrong key (p
           "408": "the request body did not arrive in time", "413": "request body too large",
           "403": "admin route on a server without --admin-password",
           "409": "the model still runs requests (unload); the slot is busy (slot actions)",
-          "503": "queue full, model loading failed, or shutting down (Retry-After)"}
+          "503": "queue full, model loading failed, or shutting down (Retry-After)",
+          "507": "the slot file could not be written or read (disk full, folder gone)"}
 
 
 def statuses(route: Route) -> set[int]:

@@ -56,9 +56,9 @@ async def slot_action(state: ServerState, request: web.Request) -> web.Response:
             raise ApiError(404, str(exc), "not_found") from None
         except OSError as exc:  # the folder went away, the disk is full...
             log.warning("slot %d: %s of %s failed: %s", row, action, body.get("filename"), exc)
-            raise ApiError(500, f"the slot file could not be {'written' if action == 'save' else 'read'}: "
+            raise ApiError(507, f"the slot file could not be {'written' if action == 'save' else 'read'}: "
                                 f"{exc.strerror or exc}", "server") from None
 
 
 def routes() -> list[Route]:
-    return [Route("POST", "/slots/{id}", slot_action, "llamacpp", protected=True, statuses=(409,))]
+    return [Route("POST", "/slots/{id}", slot_action, "llamacpp", protected=True, statuses=(409, 507))]

@@ -40,7 +40,7 @@ def _complete(storage: str, name: str) -> list[int]:
     return sorted(t.number for t in study.get_trials(states=(TrialState.COMPLETE,)))
 
 
-@pytest.mark.slow  # 35 s: the fast tier keeps the resume and Ctrl-C studies
+@pytest.mark.slow  # 35 s: the fast tier keeps the Ctrl-C study
 def test_three_trials_write_all_outputs(tiny_model, tmp_path):
     from PIL import Image, ImageStat
 
@@ -70,6 +70,7 @@ def test_three_trials_write_all_outputs(tiny_model, tmp_path):
     assert layers and all(layer.gamma == pytest.approx(best["params"]["gamma"], rel=1e-6) for layer in layers)
 
 
+@pytest.mark.slow  # 23-39 s: two CLI runs
 def test_resume_continues_the_trial_count(tiny_model, tmp_path):
     model = tiny_model("llama")
     storage = f"sqlite:///{tmp_path / 's.db'}"
