@@ -39,6 +39,8 @@ def test_isa_matrix(setting):
     AVX-512 run does not take, runs all three (the other two are marked slow in that file, so
     the child selects both tiers)."""
     env = {**os.environ, **setting}
+    if setting == {"ATEN_CPU_CAPABILITY": "default"}:  # scalar kernels: several times slower; one decode step
+        env["NKAT_INVARIANCE_STEPS"] = "1"
     every = setting == {"ATEN_CPU_CAPABILITY": "avx2"}
     pick = "test_real_model_rows_are_batch_invariant and default-threads" + ("" if every else " and gemma3")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(INVARIANCE), "-k", pick,
