@@ -332,7 +332,7 @@ def build_state(args: argparse.Namespace):
                           slot_save_path=slot_dir, cors_origins=args.cors)
     given = len(args.model) if isinstance(args.model, list) else 1
     preload = list(models.entries)[1:min(given, args.models_max)]
-    return engine.lm, ServerState(models, config, metrics=metrics), preload
+    return engine, ServerState(models, config, metrics=metrics), preload
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -346,8 +346,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     warning = exposure_warning(args.host, args.password)
     if warning:
         log.warning("%s", warning)
-    lm, state, preload = build_state(args)
-    engine = state.models.entries[state.models.default].require_engine()
+    engine, state, preload = build_state(args)
+    lm = engine.lm
     banner = (f"model {lm.path.name} ({lm.name}, {lm.config.arch}) on {lm.device}, context {lm.context}, "
               f"{theta_state(lm, args)}, {engine.config.slots} slot(s), KV cache "
               f"{'/'.join(lm.model.cache_types)} (a pool of {engine.cache_stats()['bytes_total'] / 2**20:.0f} MiB "

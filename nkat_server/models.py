@@ -85,10 +85,8 @@ class ModelSet:
     def find(self, name: str | None) -> ModelEntry:
         """The entry a request's ``model`` names. With a single model any name picks it (clients
         send 'gpt-3.5-turbo' and the like); with several, an unknown name is a 404."""
-        if name is None or name == "" or len(self.entries) == 1:
+        if not name or len(self.entries) == 1:
             return self.entries[self.default]
-        if not isinstance(name, str):
-            raise ApiError(400, "'model' must be a string", param="model")
         key = name[len(ID_PREFIX):] if name.startswith(ID_PREFIX) else name
         for suffix in MODEL_SUFFIXES:
             if key.lower().endswith(suffix):
@@ -98,8 +96,9 @@ class ModelSet:
         raise ApiError(404, f"model {name!r} is not served here; the models are: {', '.join(self.entries)}",
                        "not_found", param="model", code="model_not_found")
 
-    def loaded(self) -> list[ModelEntry]:
-        return [e for e in self.entries.values() if e.engine is not None]
+    def engines(self) -> list[Engine]:
+        """The engines of the models loaded now."""
+        return [e.engine for e in self.entries.values() if e.engine is not None]
 
     @property
     def several(self) -> bool:
@@ -221,8 +220,8 @@ class ModelSet:
             if e.load_seconds is not None:
                 info["load_seconds"] = round(e.load_seconds, 3)
             try:
-                info["size"] = e.path.stat().st_size
-                info["modified"] = e.path.stat().st_mtime
+                st = e.path.stat()
+                info["size"], info["modified"] = st.st_size, st.st_mtime
             except OSError:
                 pass
             out.append(info)

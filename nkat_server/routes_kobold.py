@@ -108,20 +108,20 @@ async def check(state: ServerState, request: web.Request) -> web.Response:
     genkey = ""
     if request.method == "POST":
         genkey = kobold.parse_genkey(await read_json(request, state, required=False))
-    texts = [e.engine.check(genkey) for e in state.models.loaded() if e.engine is not None]
+    texts = [engine.check(genkey) for engine in state.models.engines()]
     return json_response(kobold.check_response(next((t for t in texts if t), "")))
 
 
 async def abort(state: ServerState, request: web.Request) -> web.Response:
     genkey = kobold.parse_genkey(await read_json(request, state, required=False))
-    answers = [e.engine.abort(genkey) for e in state.models.loaded() if e.engine is not None]
+    answers = [engine.abort(genkey) for engine in state.models.engines()]
     found = [a for a in answers if a[0]]
     return json_response(kobold.abort_response(*(found[0] if found else (False, all(a[1] for a in answers)))))
 
 
 async def last_logprobs(state: ServerState, request: web.Request) -> web.Response:
     genkey = kobold.parse_genkey(await read_json(request, state, required=False))
-    found = [e.engine.last_logprobs(genkey) for e in state.models.loaded() if e.engine is not None]
+    found = [engine.last_logprobs(genkey) for engine in state.models.engines()]
     return json_response({"logprobs": kobold.logprobs_object(next((f for f in found if f is not None), None))})
 
 

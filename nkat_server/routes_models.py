@@ -27,9 +27,8 @@ def _name(body: object, key: str) -> str:
     return name
 
 
-def _answer(state: ServerState, entry: ModelEntry) -> web.Response:
-    info = next(m for m in state.models.describe() if m["name"] == entry.name)
-    return json_response({"success": True, "model": entry.id, "status": {"value": info["status"]}})
+def _answer(entry: ModelEntry) -> web.Response:
+    return json_response({"success": True, "model": entry.id, "status": {"value": entry.status}})
 
 
 async def tags(state: ServerState, request: web.Request) -> web.Response:
@@ -44,22 +43,22 @@ async def tags(state: ServerState, request: web.Request) -> web.Response:
 
 async def load(state: ServerState, request: web.Request) -> web.Response:
     state.admin(request)
-    return _answer(state, await state.models.load(_name(await read_json(request, state), "model")))
+    return _answer(await state.models.load(_name(await read_json(request, state), "model")))
 
 
 async def unload(state: ServerState, request: web.Request) -> web.Response:
     state.admin(request)
-    return _answer(state, await state.models.unload(_name(await read_json(request, state), "model")))
+    return _answer(await state.models.unload(_name(await read_json(request, state), "model")))
 
 
 async def reload(state: ServerState, request: web.Request) -> web.Response:
     state.admin(request)
-    return _answer(state, await state.models.reload(_name(await read_json(request, state), "model")))
+    return _answer(await state.models.reload(_name(await read_json(request, state), "model")))
 
 
 async def kobold_list_options(state: ServerState, request: web.Request) -> web.Response:
     state.admin(request)
-    return json_response([m["path"].replace("\\", "/").rsplit("/", 1)[-1] for m in state.models.describe()])
+    return json_response([e.path.name for e in state.models.entries.values()])
 
 
 async def kobold_reload_config(state: ServerState, request: web.Request) -> web.Response:

@@ -52,7 +52,7 @@ import torch
 from ..errors import InvalidRequestError, NKATError, ServerBusyError
 from ..fsutil import publish, temp_beside
 from ..loader import LoadedModel
-from ..model.theta_linear import ThetaLinear
+from ..model.theta_linear import theta_layers
 from .block_pool import NoBlocks
 from .engine import Engine
 from .kv_slots import Slot
@@ -123,7 +123,7 @@ def model_identity(lm: LoadedModel) -> dict:
         hit = (weakref.ref(lm), {"sha256": h.hexdigest(), "file_size": size, "file": g.path.name,
                                  "name": lm.name, "arch": lm.config.arch})
         _identities[id(lm)] = hit
-    gammas = sorted({float(m.gamma) for m in lm.model.modules() if isinstance(m, ThetaLinear)})
+    gammas = sorted({float(layer.gamma) for layer in theta_layers(lm.model)})
     return {**hit[1], "theta_gamma": gammas or None}
 
 

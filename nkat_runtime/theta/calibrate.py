@@ -125,10 +125,6 @@ def _passes(keys: dict[str, list[str]], modules: dict, kind: str, budget: int) -
 
 
 def _in_features(mod: torch.nn.Module) -> int:
-    for attr in ("in_features", "k"):
-        if isinstance(getattr(mod, attr, None), int):
-            return getattr(mod, attr)
-    w = getattr(mod, "weight", None)
-    if isinstance(w, torch.Tensor):
-        return int(w.shape[-1])
-    raise ValueError(f"cannot tell the input width of {type(mod).__name__}")
+    """A block linear's input width: the packed and fused kernels say it, a dense one has its weight."""
+    width = getattr(mod, "in_features", None)
+    return width if isinstance(width, int) else int(mod.weight.shape[-1])
