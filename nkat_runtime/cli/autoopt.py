@@ -4,7 +4,8 @@ decode speed; writes the history, the study summary, a plot and the best .nkat f
 Modes: quick (12 trials, 2 perplexity chunks), full (100 trials, 8 chunks), custom
 (--trials N). Trial 0 is the baseline (θ off), so the summary says whether θ beat it. The
 study lives in --storage (default: SQLite in --output-dir): rerun the same command to resume
-after a crash; point several workers at one PostgreSQL/MySQL URL to share a study.
+after a crash; point several workers at one PostgreSQL/MySQL URL to share a study. A worker
+that dies mid-trial is noticed by the others (--heartbeat) and its trial rerun.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..theta.storage import GRACE_FACTOR, HEARTBEAT_S, MAX_RETRIES
 from . import common
 
 MODES = {"quick": (12, 2, 16), "full": (100, 8, 32)}  # trials, eval chunks, decode steps
@@ -38,8 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="perplexity chunk size (default 512)")
     p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per setting and round")
     p.add_argument("--seed", type=int, default=42, help="TPE sampler seed")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///OUTPUT_DIR/optuna.db)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default sqlite:///OUTPUT_DIR/optuna.db); a study shared by workers on "
+                        "several machines: postgresql://user:password@host/database (driver psycopg 3: "
+                        "pip install 'nkat[postgres]') or mysql://… (driver PyMySQL: pip install pymysql); a "
+                        "SQLAlchemy URL naming its driver (postgresql+psycopg2://…) is used as given")
     p.add_argument("--study-name", default=None, help="default nkat-<model>-<moyal|residual>")
+    p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, metavar="SECONDS",
+                   help=f"a running trial beats every SECONDS (default {HEARTBEAT_S}); one silent for "
+                        f"{GRACE_FACTOR}×SECONDS is taken for a dead worker's: failed, and rerun with the same "
+                        f"parameters by the next worker (at most {MAX_RETRIES} times)")
     p.add_argument("--device", default=None, help="torch device; default cuda when available")
     p.add_argument("--no-cuda", action="store_true", help="run on the CPU even when CUDA is available")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads for torch")
@@ -56,14 +66,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from ..theta.autoopt import SearchConfig, ThetaSearch
     from ..theta.convert import sha256_file
     from ..theta.report import best_theta, finished_trials, mask_url, plot, write_json
+    from ..theta.storage import storage_errors
     from ..theta.study import open_study, run_trials, stop_heartbeats
 
     trials, chunks, steps = MODES.get(args.mode, (args.trials, 4, 16))
     if args.mode == "custom" and not args.trials:
         raise ValueError("--mode custom needs --trials N")
     trials = args.trials or trials
-    if trials < 1 or (args.target_rank is not None and args.target_rank < 1):
-        raise ValueError("--trials and --target-rank must be >= 1")
+    if trials < 1 or (args.target_rank is not None and args.target_rank < 1) or args.heartbeat < 1:
+        raise ValueError("--trials, --target-rank and --heartbeat must be >= 1")
     model = Path(resolve_model(args.model))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,24 +89,25 @@ def _main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"reference not found: {cfg.reference}")
     storage = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
     name = args.study_name or f"nkat-{model.stem}-{cfg.theta_mode}"
-    study = open_study(storage, name, args.seed)
-    settings = {"model_sha256": sha256_file(model), "theta_mode": cfg.theta_mode, "ranks": list(cfg.ranks),
-                "eval_chunks": cfg.eval_chunks, "ctx": cfg.ctx}
-    if study.user_attrs.get("settings", settings) != settings:
-        raise ValueError(f"study {name!r} in {mask_url(storage)} was made for other settings "
-                         f"({study.user_attrs['settings']}); pick another --study-name")
-    study.set_user_attr("settings", settings)
+    with storage_errors(storage):  # the database going away: one line, not a traceback
+        study = open_study(storage, name, args.seed, args.heartbeat)
+        settings = {"model_sha256": sha256_file(model), "theta_mode": cfg.theta_mode, "ranks": list(cfg.ranks),
+                    "eval_chunks": cfg.eval_chunks, "ctx": cfg.ctx}
+        if study.user_attrs.get("settings", settings) != settings:
+            raise ValueError(f"study {name!r} in {mask_url(storage)} was made for other settings "
+                             f"({study.user_attrs['settings']}); pick another --study-name")
+        study.set_user_attr("settings", settings)
 
-    search = ThetaSearch(cfg)
-    interrupted = False
-    try:
-        run_trials(study, search, trials, progress=cfg.progress)
-    except KeyboardInterrupt:
-        interrupted = True
-        stop_heartbeats()
-        print("nkat-auto-optimizer: interrupted; writing the results of the finished trials", file=sys.stderr)
+        search = ThetaSearch(cfg)
+        interrupted = False
+        try:
+            run_trials(study, search, trials, progress=cfg.progress)
+        except KeyboardInterrupt:
+            interrupted = True
+            stop_heartbeats()
+            print("nkat-auto-optimizer: interrupted; writing the results of the finished trials", file=sys.stderr)
 
-    rows = finished_trials(study)
+        rows = finished_trials(study)
     write_json(out / "optimization_history.json", {"model": str(model), "theta_mode": cfg.theta_mode,
                                                     "study_name": name, "trials": rows})
     base = next((r for r in rows if r["baseline"]), None)

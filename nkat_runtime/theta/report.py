@@ -41,7 +41,8 @@ def finished_trials(study) -> list[dict]:
             "perplexity": a.get("perplexity"), "tokens_per_second": a.get("tokens_per_second"),
             "baseline_tokens_per_second": a.get("baseline_tokens_per_second"),
             "overhead_percentage": 100.0 * a.get("overhead", 0.0), "tpe": t.value,
-            "duration_seconds": a.get("seconds"),
+            "duration_seconds": a.get("seconds"), "worker": a.get("worker"),
+            "retry_of": t.system_attrs.get("failed_trial"),  # the trial this one reruns (its worker died)
         })
     return rows
 

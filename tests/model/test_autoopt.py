@@ -118,6 +118,27 @@ def test_ctrl_c_keeps_the_finished_trials(tiny_model, tmp_path):
     assert json.loads((tmp_path / "optuna_study.json").read_text())["interrupted"] is True
 
 
+def test_unreachable_or_unknown_storage_is_one_line(tiny_model, tmp_path, capsys):
+    from nkat_runtime.theta.storage import normalise_url
+    from serverproc import free_port
+
+    assert normalise_url("postgresql://u:p@h/db") == "postgresql+psycopg://u:p@h/db"
+    assert normalise_url("postgres://h/db") == "postgresql+psycopg://h/db"
+    assert normalise_url("mysql://u@h/db") == "mysql+pymysql://u@h/db"
+    for url in ("postgresql+psycopg2://h/db", "sqlite:///x.db", "mysql+mysqldb://h/db"):
+        assert normalise_url(url) == url
+    args = ["--model", str(tiny_model("llama")), "--output-dir", str(tmp_path), "--mode", "custom", "--trials", "1"]
+    assert main([*args, "--storage", "postgresql+nosuchdriver://u:hunter2@h/db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Can't load plugin" in err and "hunter2" not in err
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg 3 (pip install 'nkat[postgres]')")
+    assert main([*args, "--storage", f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db"]) == 2  # nothing listens
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hunter2" not in err and "Traceback" not in err
+    assert err.startswith("nkat-auto-optimizer: error: study storage postgresql+psycopg://u:***@127.0.0.1:")
+    assert "connection" in err.lower()
+
+
 def test_bad_arguments_are_one_line_errors(tiny_model, tmp_path, capsys):
     assert main(["--model", str(tiny_model("llama")), "--mode", "custom", "--output-dir", str(tmp_path)]) == 2
     assert "--mode custom needs --trials N" in capsys.readouterr().err
