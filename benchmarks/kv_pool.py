@@ -36,6 +36,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
 from serve_load import QUESTIONS, TOPICS, completion  # noqa: E402  (the same streaming client)
 
 TIMEOUT = aiohttp.ClientTimeout(total=3600)
@@ -210,16 +211,6 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(line + "\n", encoding="utf-8")
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def report(r: dict) -> None:

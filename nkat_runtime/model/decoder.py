@@ -142,6 +142,8 @@ class DecoderModel(nn.Module):
         parent = layer.attn if parts[2].startswith("attn") else layer.ffn
         old = getattr(parent, parts[2])
         setattr(parent, parts[2], module)
+        if hasattr(parent, "group_theta"):  # θ over a shared input (q/k/v, gate/up) is grouped anew
+            parent.group_theta()
         return old
 
     def set_batch_invariant(self, on: bool) -> int:

@@ -12,6 +12,7 @@ from torch import nn
 from .config import Yarn
 from .kv_cache import BlockView, KVCache, PaddedView
 from .linear import RowLocal, is_decode, rowwise
+from .theta_fused import SharedTheta, project
 
 
 class RMSNorm(nn.Module):
@@ -132,17 +133,23 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         self.attn_q, self.attn_k, self.attn_v, self.attn_output = wq, wk, wv, wo
+        self.group_theta()
         self.n_head, self.n_head_kv, self.head_dim, self.scale = n_head, n_head_kv, head_dim, scale
         self.softcap = softcap
         self.rotary = rotary
         self.attn_q_norm, self.attn_k_norm = q_norm, k_norm
 
+    def group_theta(self) -> None:
+        """q, k and v read one input: their θ terms share one product (``theta_fused.py``)."""
+        self.theta_qkv = SharedTheta.of((self.attn_q, self.attn_k, self.attn_v))
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, mask: torch.Tensor | list | None,
                 view: BlockView | PaddedView) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.attn_q(x).view(bsz, seqlen, self.n_head, self.head_dim)
-        k = self.attn_k(x).view(bsz, seqlen, self.n_head_kv, self.head_dim)
-        v = self.attn_v(x).view(bsz, seqlen, self.n_head_kv, self.head_dim)
+        q, k, v = project((self.attn_q, self.attn_k, self.attn_v), self.theta_qkv, x)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_head_kv, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_head_kv, self.head_dim)
         if self.attn_q_norm is not None:
             q = self.attn_q_norm(q)
         if self.attn_k_norm is not None:
@@ -195,8 +202,13 @@ class FeedForward(RowLocal, nn.Module):
         super().__init__()
         self.ffn_gate, self.ffn_up, self.ffn_down = gate, up, down
         self.act = ACTIVATIONS[act]
+        self.group_theta()
+
+    def group_theta(self) -> None:
+        """gate and up read one input: their θ terms share one product (``theta_fused.py``)."""
+        self.theta_gate_up = SharedTheta.of((self.ffn_gate, self.ffn_up))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.ffn_gate(x)
+        gate, up = project((self.ffn_gate, self.ffn_up), self.theta_gate_up, x)
         gate = rowwise(self.act, gate) if self.row_local and is_decode(x) else self.act(gate)
-        return self.ffn_down(gate * self.ffn_up(x))
+        return self.ffn_down(gate * up)

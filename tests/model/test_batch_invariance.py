@@ -63,6 +63,7 @@ def test_tiny_model_rows_are_batch_invariant(tiny_model, arch, reference, thread
 
 
 def test_theta_over_packed_weights_is_batch_invariant(tiny_model, tmp_path):
+    from nkat_runtime.model.theta_fused import set_theta_fusion
     from nkat_runtime.model.theta_linear import theta_layers
     from nkat_runtime.theta.convert import ConvertOptions, convert
 
@@ -70,7 +71,8 @@ def test_theta_over_packed_weights_is_batch_invariant(tiny_model, tmp_path):
     convert(ConvertOptions(tiny_model("llama"), out, rank=4, gamma=0.9, progress=False))
     lm = load_model(out, context=64, max_batch=ROWS, progress=False)
     layers = theta_layers(lm.model)
-    assert any(not t.folded for t in layers)  # over packed bases θ runs as its own matmuls
+    assert any(not t.folded for t in layers)  # over packed bases θ runs from the input
+    assert set_theta_fusion(lm.model, True) > 0  # q/k/v and gate/up: one stacked right product
     assert batched_vs_alone(lm.model) == 0.0
 
 
