@@ -105,10 +105,7 @@ class _BlockRunner:
         for chunk in batches:
             tokens = torch.tensor([chunk])
             pos = torch.arange(len(chunk))
-            x = self.model.token_embd(tokens)
-            if cfg.embed_scale != 1.0:
-                x = x * cfg.embed_scale
-            self.hidden.append(x.float())
+            self.hidden.append(self.model.embed(tokens).float())
             glob = attention_mask(pos, len(chunk))
             local = attention_mask(pos, len(chunk), cfg.sliding_window) if any(cfg.swa_layers) else None
             view = BlockView([self.model.row_table(0)], pos, [len(chunk)], self.model.kv.block_size)

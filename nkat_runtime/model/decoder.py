@@ -256,9 +256,7 @@ class DecoderModel(nn.Module):
         if kv_len > self.max_seq:
             raise ValueError(f"position {kv_len - 1} is beyond the cache ({self.max_seq} tokens)")
         cfg = self.config
-        x = self.token_embd(tokens)
-        if cfg.embed_scale != 1.0:
-            x = x * cfg.embed_scale
+        x = self.embed(tokens)
         if tables is None:
             tables = [self.row_table(r) for r in (rows if rows is not None else range(tokens.shape[0]))]
         if input_pos.dim() == 2 and tokens.shape[0] > 1 and tokens.shape[1] == 1:
@@ -283,6 +281,11 @@ class DecoderModel(nn.Module):
             x = x[:, logits_from:]
         return self.output_norm(x) if hidden else self._logits(x)
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first block's input: token embeddings, scaled where the architecture scales them (Gemma)."""
+        x = self.token_embd(tokens)
+        return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.output(self.output_norm(x)).float()
         cap = self.config.final_softcap
@@ -305,9 +308,7 @@ class DecoderModel(nn.Module):
         """One decode step of B sequences, ``tokens`` [B] at positions ``pos`` [B], through a
         padded view → logits [B, V], in device operations only (what :mod:`.graphs` captures)."""
         cfg = self.config
-        x = self.token_embd(tokens[:, None])
-        if cfg.embed_scale != 1.0:
-            x = x * cfg.embed_scale
+        x = self.embed(tokens[:, None])
         mask_local = view.mask(cfg.sliding_window) if any(cfg.swa_layers) else None
         return self._decode(x, pos[:, None], view.mask(), mask_local, view)[:, -1]
 
