@@ -30,8 +30,12 @@ LLAMA_CPP_PPL: dict[str, dict[int, float]] = {
 # -0.29 %; 20 took 133 s); the 1.5B at 4 (its 40-chunk run, ~7 min here, is quoted in the #16 note)
 CHECK_CHUNKS = {"gemma3-270m": 20, "qwen2.5-coder-0.5b": 10, "smollm2-135m": 40, "qwen2.5-coder-1.5b": 4}
 # the decode-kernel check: the same chunks through both paths, so the difference is paired and few
-# chunks show it (4 of 256 tokens; 10 took 225 s for Qwen-1.5B alone, 440 s for the four models)
+# chunks show it (4 of 256 tokens; 10 took 225 s for Qwen-1.5B alone, 440 s for the four models).
+# Qwen-1.5B is left out here (135 s of the slow tier): it has the 0.5B's architecture and a subset of
+# its block types (Q4_K, Q6_K), and its shapes go through the same kernels in
+# test_fast_path_real.py's prefill and decode logits and in test_matches_llama_perplexity above
 KERNEL_CHUNKS, KERNEL_CTX = 4, 256
+KERNEL_MODELS = [m for m in MODELS if m != "qwen2.5-coder-1.5b"]
 # the bf16 cache against float32: the issue's 10 chunks
 CACHE_CHUNKS = 10
 
@@ -48,7 +52,7 @@ def test_matches_llama_perplexity(name, model_path, wiki_text):
     assert abs(res.ppl / want - 1) <= 0.005
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", KERNEL_MODELS)
 def test_real_model_perplexity_matches_reference(model_path, wiki_text, name, capsys):
     """Every pass on the decode kernels (int4 and fused planes; the default prefill path is
     the reference's float32 math on bit-exact weights and would prove little): within 0.5 %
