@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from nkat_runtime.model.theta_linear import ThetaLinear
+from nkat_runtime.theta.calibrate import calibration_batches
 from nkat_runtime.theta.factors import ThetaFactors
 from nkat_runtime.theta.svd import SVDResult
 
@@ -157,9 +158,7 @@ def sequential_theta(coarse: Path, reference: Path, targets: list[str], text: st
 
     lm_c = load_model(coarse, device="cpu", context=ctx, progress=False, theta=False)
     lm_r = load_model(reference, device="cpu", context=ctx, progress=False, theta=False)
-    ids = lm_c.tokenizer.encode(text, add_special=True)
-    n = max(1, min(chunks, len(ids) // ctx))
-    batches = [ids[i * ctx : (i + 1) * ctx] for i in range(n)]
+    batches = calibration_batches(lm_c.tokenizer, text, chunks, ctx)
     run_c, run_r = _BlockRunner(lm_c, batches), _BlockRunner(lm_r, batches)
     wanted = set(targets)
     out: dict[str, tuple[ThetaFactors, float]] = {}
@@ -184,7 +183,7 @@ def sequential_theta(coarse: Path, reference: Path, targets: list[str], text: st
                 base = lm_c.model.linear_modules()[name]
                 lm_c.model.replace_linear(name, ThetaLinear(base, factors, 1.0))
         run_c.run(i, [], advance=True)
-    log.info("sequential θ: %d targets over %d blocks, %d calibration chunks", len(out), layers, n)
+    log.info("sequential θ: %d targets over %d blocks, %d calibration chunks", len(out), layers, len(batches))
     return out
 
 
@@ -204,7 +203,7 @@ def main() -> int:
     targets = cv.plan_targets(src, None)
     text = cv.BUILTIN_CALIBRATION.read_text(encoding="utf-8")
     thetas = sequential_theta(Path(args.input), Path(args.reference), targets, text, args.chunks, args.rank,
-                              lambda n: (cv._dequant(src, n), cv._dequant(ref, n)), progress=True)
+                              lambda n: (cv.dequantized(src, n), cv.dequantized(ref, n)), progress=True)
     cv.write_nkat(src, Path(args.input), Path(args.output), thetas, "residual", args.rank, 1.0,
                   Path(args.reference))
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -30,9 +31,8 @@ sys.path.insert(0, str(REPO))
 from nkat_runtime.errors import NKATError  # noqa: E402
 from nkat_runtime.gguf.reader import open_gguf  # noqa: E402
 from nkat_runtime.loader import load_model  # noqa: E402
-from nkat_runtime.quant import dequantize  # noqa: E402
-from nkat_runtime.theta.calibrate import whitening  # noqa: E402
-from nkat_runtime.theta.convert import BUILTIN_CALIBRATION, check_reference  # noqa: E402
+from nkat_runtime.theta.calibrate import calibration_batches, whitening  # noqa: E402
+from nkat_runtime.theta.convert import BUILTIN_CALIBRATION, check_reference, dequantized  # noqa: E402
 from nkat_runtime.theta.svd import activation_scale, residual_factors, residual_matrix, truncated_svd  # noqa: E402
 
 KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -45,11 +45,10 @@ def record_inputs(lm, targets: list[str], text: str, chunks: int, ctx: int) -> d
     hooks = [modules[t].register_forward_hook(
         lambda _m, inp, _o, t=t: rows[t].append(inp[0].detach().float().reshape(-1, inp[0].shape[-1])))
         for t in targets]
-    ids = lm.tokenizer.encode(text, add_special=True)
     try:
         with torch.inference_mode():
-            for c in range(min(chunks, len(ids) // ctx)):
-                lm.model(torch.tensor([ids[c * ctx:(c + 1) * ctx]]), torch.arange(ctx), last_only=True)
+            for chunk in calibration_batches(lm.tokenizer, text, chunks, ctx):
+                lm.model(torch.tensor([chunk]), torch.arange(len(chunk)), last_only=True)
     finally:
         for h in hooks:
             h.remove()
@@ -72,7 +71,7 @@ def ceiling_rows(ref_path: Path, coarse_path: Path, layers: list[int], ranks: li
     x_out = record_inputs(lm, targets, heldout, chunks, ctx)
     out = []
     for t in targets:
-        w_r, w_c = (dequantize(g.tensor(t).raw_tensor(), g.tensor(t).qtype, g.tensor(t).shape) for g in (ref, coarse))
+        w_r, w_c = dequantized(ref, t), dequantized(coarse, t)
         dw = (w_r - w_c).float()
         if not bool(dw.any()):
             print(f"{t:28s} the same in both files: skipped", flush=True)
@@ -106,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     for f in (args.reference, args.coarse, Path(args.text)):
         if not f.is_file():
             p.error(f"not found: {f}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     ranks = [int(r) for r in args.ranks.split(",")]
     print("share of the output error left (1 = θ removes nothing); columns: "
           + " ".join(f"{m}/{r}/{s}" for m in ("mean-abs", "second-moment") for r in ranks for s in ("in", "out")))
@@ -120,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for key in rows[0]:
         if "/" in key:
-            vals = sorted(r[key] for r in rows)
-            print(f"median {key:24s} {vals[len(vals) // 2]:.3f}  (energy removed {1 - vals[len(vals) // 2] ** 2:.0%})")
+            mid = statistics.median(r[key] for r in rows)
+            print(f"median {key:24s} {mid:.3f}  (energy removed {1 - mid ** 2:.0%})")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

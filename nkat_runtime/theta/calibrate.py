@@ -57,6 +57,14 @@ def whitening(r: torch.Tensor, damp: float = 0.01) -> Whitening:
     return Whitening(sqrt.float(), inv.float())
 
 
+def calibration_batches(tokenizer, text: str, chunks: int, ctx: int) -> list[list[int]]:
+    """The first ``chunks`` chunks of ``ctx`` tokens of ``text`` (at least one, shorter when the
+    text is)."""
+    ids = tokenizer.encode(text, add_special=True)
+    n = max(1, min(chunks, len(ids) // ctx))
+    return [ids[i * ctx : (i + 1) * ctx] for i in range(n)]
+
+
 def calibration_stats(path: Path, targets: list[str], text: str, chunks: int, kind: str = "mean-abs",
                       ctx: int = 512, budget_bytes: int = DEFAULT_BUDGET,
                       progress: bool = False) -> dict[str, torch.Tensor]:
@@ -72,9 +80,7 @@ def calibration_stats(path: Path, targets: list[str], text: str, chunks: int, ki
     keys: dict[str, list[str]] = {}
     for t in present:
         keys.setdefault(input_key(t), []).append(t)
-    ids = lm.tokenizer.encode(text, add_special=True)
-    n = max(1, min(chunks, len(ids) // ctx))
-    batches = [ids[i * ctx : (i + 1) * ctx] for i in range(n)]
+    batches = calibration_batches(lm.tokenizer, text, chunks, ctx)
     passes = _passes(keys, modules, kind, budget_bytes)
     out: dict[str, torch.Tensor] = {}
     for group in tqdm(passes, desc="calibration", unit="pass", disable=not progress or len(passes) == 1):

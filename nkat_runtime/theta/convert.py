@@ -167,7 +167,7 @@ def check_reference(src: GGUFFile, ref: GGUFFile) -> None:
                                f"reference {ref.tensors[name].shape}")
 
 
-def _dequant(g: GGUFFile, name: str) -> torch.Tensor:
+def dequantized(g: GGUFFile, name: str) -> torch.Tensor:
     t = g.tensor(name)
     return quant.dequantize(t.raw_tensor(), t.qtype, t.shape)
 
@@ -205,9 +205,9 @@ def target_svds(mode: str, src: GGUFFile, targets: list[str], ref: GGUFFile | No
     out: dict[str, TargetSVD] = {}
     whitened: dict[int, Whitening] = {}
     for name in tqdm(targets, desc="θ by SVD", unit="tensor", disable=not progress):
-        w = _dequant(src, name)
+        w = dequantized(src, name)
         scale = _scale(scales[name], whitened) if scales and name in scales else None
-        m = w if mode == "moyal" else residual_matrix(w, _dequant(ref, name), scale)  # type: ignore[arg-type]
+        m = w if mode == "moyal" else residual_matrix(w, dequantized(ref, name), scale)  # type: ignore[arg-type]
         out[name] = TargetSVD(tuple(w.shape), truncated_svd(m, max_rank, target_size), scale)
     return out
 
