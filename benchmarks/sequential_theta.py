@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from nkat_runtime.model.theta_linear import ThetaLinear
-from nkat_runtime.theta.calibrate import calibration_batches
+from nkat_runtime.theta.calibrate import calibration_batches, whitening
 from nkat_runtime.theta.factors import ThetaFactors
 from nkat_runtime.theta.svd import SVDResult
 
@@ -52,13 +52,6 @@ DAMP = 0.01
 
 class _Stop(Exception):
     """Raised by a capture hook to end a block's forward once its inputs are taken."""
-
-
-def whitening_factor(r: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """Lower Cholesky factor L (float64) of R + damp·mean(diag R)·I."""
-    r64 = 0.5 * (r.double() + r.double().T)
-    eps = max(float(r64.diagonal().mean()) * damp, 1e-12)
-    return torch.linalg.cholesky(r64 + eps * torch.eye(r64.shape[0], dtype=r64.dtype))
 
 
 def top_svd(m: torch.Tensor, rank: int) -> SVDResult:
@@ -174,7 +167,7 @@ def sequential_theta(coarse: Path, reference: Path, targets: list[str], text: st
             if not names:
                 continue
             r, c = _moments(ref_in[first], coarse_in[first])
-            chol = whitening_factor(r)
+            chol = whitening(r, DAMP).chol
             for name in names:
                 w_c, w_ref = weights(name)
                 svd = fit_delta(w_ref.double() @ c - w_c.double() @ r, chol, rank)

@@ -61,13 +61,14 @@ def left_share(dw: torch.Tensor, theta: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def ceiling_rows(ref_path: Path, coarse_path: Path, layers: list[int], ranks: list[int], heldout: str,
-                 chunks: int, ctx: int) -> list[dict]:
+                 chunks: int, ctx: int, calibration_chunks: int | None = None, damp: float = 0.01) -> list[dict]:
     ref, coarse = open_gguf(ref_path), open_gguf(coarse_path)
     check_reference(coarse, ref)  # the same model: every tensor's shape agrees
     lm = load_model(coarse_path, device="cpu", context=ctx, progress=False, theta=False)
     targets = [f"blk.{i}.{k}.weight" for i in layers for k in KINDS]
     targets = [t for t in targets if t in lm.model.linear_modules()]
-    x_in = record_inputs(lm, targets, BUILTIN_CALIBRATION.read_text(encoding="utf-8"), chunks, ctx)
+    x_in = record_inputs(lm, targets, BUILTIN_CALIBRATION.read_text(encoding="utf-8"), calibration_chunks or chunks,
+                         ctx)
     x_out = record_inputs(lm, targets, heldout, chunks, ctx)
     out = []
     for t in targets:
@@ -77,7 +78,7 @@ def ceiling_rows(ref_path: Path, coarse_path: Path, layers: list[int], ranks: li
             print(f"{t:28s} the same in both files: skipped", flush=True)
             continue
         scales = {"mean-abs": activation_scale(x_in[t].abs().mean(0)),
-                  "second-moment": whitening(x_in[t].T @ x_in[t] / x_in[t].shape[0])}
+                  "second-moment": whitening(x_in[t].T @ x_in[t] / x_in[t].shape[0], damp)}
         row = {"target": t, "ref_type": ref.tensor(t).qtype, "coarse_type": coarse.tensor(t).qtype}
         for mode, scale in scales.items():
             svd = truncated_svd(residual_matrix(w_c, w_r, scale), max(ranks))
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", default=str(REPO.parent / "shared" / "data" / "wiki_vital_en.txt"),
                    help="held-out text")
     p.add_argument("--chunks", type=int, default=4, help="chunks of each text (the converter calibrates on 4)")
+    p.add_argument("--calibration-chunks", type=int, default=None,
+                   help="chunks of the calibration text, when not --chunks (the held-out text keeps --chunks)")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="second-moment damping, a share of R's mean eigenvalue (the converter's: 0.01)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -110,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
           + " ".join(f"{m}/{r}/{s}" for m in ("mean-abs", "second-moment") for r in ranks for s in ("in", "out")))
     try:
         rows = ceiling_rows(args.reference, args.coarse, [int(i) for i in args.layers.split(",")], ranks,
-                            Path(args.text).read_text(encoding="utf-8"), args.chunks, args.ctx)
+                            Path(args.text).read_text(encoding="utf-8"), args.chunks, args.ctx,
+                            args.calibration_chunks, args.damp)
     except NKATError as e:
         p.error(str(e))
     if not rows:

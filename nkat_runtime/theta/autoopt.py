@@ -22,13 +22,13 @@ from ..eval.perplexity import perplexity_of_tokens
 from ..gguf.reader import open_gguf
 from ..loader import load_model
 from ..model.theta_linear import ThetaLinear, set_theta_gamma
-from .calibrate import calibration_stats
+from .calibrate import Calibration
 from .convert import (
     BUILTIN_CALIBRATION,
     TargetSVD,
     check_reference,
     plan_targets,
-    target_svds,
+    theta_svds,
     write_nkat,
 )
 from .factors import ThetaFactors
@@ -92,15 +92,14 @@ class ThetaSearch:
             if ref.architecture != self.src.architecture:
                 raise NKATError(f"reference architecture {ref.architecture} differs from {self.src.architecture}")
             check_reference(self.src, ref)
-        scales = None
+        cal = None
         if ref is not None:
-            cal = cfg.calibration or BUILTIN_CALIBRATION
-            if not Path(cal).is_file():
-                raise NKATError(f"calibration text not found: {cal}")
-            scales = calibration_stats(cfg.model, self.targets, Path(cal).read_text(encoding="utf-8"), 4,
-                                       cfg.activation, progress=cfg.progress)
-        self.svds: dict[str, TargetSVD] = target_svds(cfg.theta_mode, self.src, self.targets, ref, scales,
-                                                      max(cfg.ranks), progress=cfg.progress)
+            cal_path = cfg.calibration or BUILTIN_CALIBRATION
+            if not Path(cal_path).is_file():
+                raise NKATError(f"calibration text not found: {cal_path}")
+            cal = Calibration(Path(cal_path).read_text(encoding="utf-8"), 4, cfg.activation)
+        self.svds: dict[str, TargetSVD] = theta_svds(cfg.theta_mode, self.src, cfg.model, self.targets, ref, cal,
+                                                     max(cfg.ranks), progress=cfg.progress)
         self.lm = load_model(cfg.model, device=cfg.device, context=cfg.ctx, progress=cfg.progress, theta=False)
         modules = self.lm.model.linear_modules()
         self.bases = {name: modules[name] for name in self.targets}

@@ -25,7 +25,7 @@ from ..errors import NKATError
 from ..gguf.names import BLOCK_WEIGHT, select, to_gguf
 from ..gguf.reader import GGUFFile, open_gguf
 from ..gguf.writer import write_derived_gguf
-from .calibrate import STATS, Whitening, calibration_stats, whitening
+from .calibrate import STATS, Calibration, Whitening, calibration_groups, input_key, whitening
 from .factors import ThetaFactors, theta_tensor_names
 from .ranks import allocate
 from .svd import (
@@ -34,9 +34,9 @@ from .svd import (
     SVDResult,
     activation_scale,
     moyal_factors,
-    residual_factors,
     residual_matrix,
     truncated_svd,
+    unscaled,
 )
 
 log = logging.getLogger(__name__)
@@ -174,50 +174,71 @@ def dequantized(g: GGUFFile, name: str) -> torch.Tensor:
 
 @dataclass
 class TargetSVD:
-    """What θ of one target needs at any rank up to the SVD's: computed once, truncated per use."""
+    """What θ of one target needs at any rank up to the SVD's: computed once, truncated per use
+    (residual: the SVD's right vectors already taken back through the activation scaling)."""
 
     shape: tuple[int, ...]
     svd: SVDResult
-    scale: Scale | None  # activation scale or whitening (residual, activation-aware)
 
     def factors(self, mode: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         if mode == "moyal":
             return moyal_factors(torch.empty(self.shape, device="meta"), self.svd, rank)
-        return residual_factors(self.svd, rank, self.scale)
+        return self.svd.factors(rank)
 
 
-def _scale(stat: torch.Tensor, whitened: dict[int, Whitening]) -> Scale:
+def _scale(name: str, stat: torch.Tensor, whitened: dict[str, Whitening]) -> Scale:
     """mean |x| → a floored per-channel scale; E[x·xᵀ] → its whitening, computed once per shared
-    input (q/k/v and gate/up share the tensor object; ``whitened`` is the caller's cache)."""
+    input (q/k/v and gate/up; ``whitened`` is the caller's cache, by input name)."""
     if stat.dim() == 1:
         return activation_scale(stat)
-    if id(stat) not in whitened:
+    key = input_key(name)
+    if key not in whitened:
         if len(whitened) >= 4:  # one layer's inputs at most (a file may list attn_output between q and k)
             whitened.pop(next(iter(whitened)))
-        whitened[id(stat)] = whitening(stat)
-    return whitened[id(stat)]
+        whitened[key] = whitening(stat)
+    return whitened[key]
 
 
 def target_svds(mode: str, src: GGUFFile, targets: list[str], ref: GGUFFile | None,
                 scales: dict[str, torch.Tensor] | None, max_rank: int, target_size: int = DEFAULT_TARGET_SIZE,
-                progress: bool = True) -> dict[str, TargetSVD]:
+                bar: tqdm | None = None) -> dict[str, TargetSVD]:
     """The truncated SVD (rank ``max_rank``) of every target's θ source matrix."""
     out: dict[str, TargetSVD] = {}
-    whitened: dict[int, Whitening] = {}
-    for name in tqdm(targets, desc="θ by SVD", unit="tensor", disable=not progress):
+    whitened: dict[str, Whitening] = {}
+    for name in targets:
         w = dequantized(src, name)
-        scale = _scale(scales[name], whitened) if scales and name in scales else None
+        scale = _scale(name, scales[name], whitened) if scales and name in scales else None
         m = w if mode == "moyal" else residual_matrix(w, dequantized(ref, name), scale)  # type: ignore[arg-type]
-        out[name] = TargetSVD(tuple(w.shape), truncated_svd(m, max_rank, target_size), scale)
+        out[name] = TargetSVD(tuple(w.shape), unscaled(truncated_svd(m, max_rank, target_size), scale))
+        if bar is not None:
+            bar.update()
     return out
 
 
+def theta_svds(mode: str, src: GGUFFile, path: Path, targets: list[str], ref: GGUFFile | None,
+               cal: Calibration | None, max_rank: int, target_size: int = DEFAULT_TARGET_SIZE,
+               progress: bool = True) -> dict[str, TargetSVD]:
+    """:func:`target_svds` of every target, activation-aware when ``cal`` is given: the statistics
+    of ``path`` (the model ``src`` was read from) are taken a group of layers at a time and dropped
+    once that group's SVDs are done (a 1.5B model's second moments are 10 GB in all)."""
+    out: dict[str, TargetSVD] = {}
+    with tqdm(total=len(targets), desc="θ by SVD", unit="tensor", disable=not progress) as bar:
+        if cal is not None:
+            for stats in calibration_groups(path, targets, cal, progress):
+                out.update(target_svds(mode, src, [t for t in targets if t in stats], ref, stats, max_rank,
+                                       target_size, bar))
+                del stats
+        rest = [t for t in targets if t not in out]
+        out.update(target_svds(mode, src, rest, ref, None, max_rank, target_size, bar))
+    return {t: out[t] for t in targets}
+
+
 def compute_theta(opts: ConvertOptions, src: GGUFFile, targets: list[str], ref: GGUFFile | None,
-                  scales: dict[str, torch.Tensor] | None) -> dict[str, tuple[ThetaFactors, float]]:
+                  cal: Calibration | None) -> dict[str, tuple[ThetaFactors, float]]:
     mode = opts.resolved_mode
     max_r = opts.max_rank if opts.optimize_rank or opts.budget_bytes else opts.rank
     out: dict[str, tuple[ThetaFactors, float]] = {}
-    svds = target_svds(mode, src, targets, ref, scales, max_r, opts.target_size, opts.progress)
+    svds = theta_svds(mode, src, opts.input, targets, ref, cal, max_r, opts.target_size, opts.progress)
     budget = allocate({n: (t.shape, t.svd) for n, t in svds.items()}, opts.budget_bytes, max_r) \
         if opts.budget_bytes else {}
     for name, t in svds.items():
@@ -275,17 +296,15 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         if ref.architecture != src.architecture:
             raise ConvertError(f"reference architecture {ref.architecture} differs from {src.architecture}")
         check_reference(src, ref)
-    scales = None
+    cal = None
     aware = mode == "residual" and opts.use_calibration
     if aware:
         cal_path = opts.calibration or BUILTIN_CALIBRATION
         if not Path(cal_path).is_file():
             raise ConvertError(f"calibration text not found: {cal_path}")
-        text = Path(cal_path).read_text(encoding="utf-8")
-        scales = calibration_stats(opts.input, targets, text, opts.calibration_chunks, opts.activation,
-                                   progress=opts.progress)
+        cal = Calibration(Path(cal_path).read_text(encoding="utf-8"), opts.calibration_chunks, opts.activation)
     result = ConvertResult(output=None, mode=mode, activation_aware=aware)
-    thetas = compute_theta(opts, src, targets, ref, scales)
+    thetas = compute_theta(opts, src, targets, ref, cal)
     for name, (f, share) in thetas.items():
         nbytes = f.u.numel() + f.v.numel() + 4 * (f.u_scale.numel() + f.v_scale.numel())
         result.targets.append(TargetResult(name, src.tensors[name].shape, f.rank, share, nbytes))

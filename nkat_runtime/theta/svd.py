@@ -5,8 +5,8 @@
 - ``residual``: θ = the rank-r part of 2·(W_ref − W_q), so that γ = 1 adds back the best
   rank-r share of what quantisation lost; with per-input-channel activation scales
   (mean |x| on a calibration text) the SVD is taken of the scaled residual and unscaled
-  after (LQER's activation-aware variant); with the inputs' second-moment matrix R it is taken
-  of ΔW·R^{1/2} and multiplied by R^{-1/2} after, which minimises the output error over the
+  after (LQER's activation-aware variant); with the inputs' second-moment matrix R = L·Lᵀ it is
+  taken of ΔW·L and multiplied by L⁻¹ after, which minimises the output error over the
   calibration inputs (QERA; :mod:`.calibrate`).
 
 Each function returns ``(left [out, k], right [k, in])`` with θ = left·right, the singular
@@ -23,7 +23,7 @@ import torch
 if TYPE_CHECKING:
     from .calibrate import Whitening
 
-Scale = Union[torch.Tensor, "Whitening"]  # a per-channel scale, or a whitening pair
+Scale = Union[torch.Tensor, "Whitening"]  # a per-channel scale, or a whitening
 
 DEFAULT_TARGET_SIZE = 1024
 
@@ -79,23 +79,31 @@ def moyal_factors(w: torch.Tensor, svd: SVDResult, rank: int) -> tuple[torch.Ten
 
 def residual_matrix(w_q: torch.Tensor, w_ref: torch.Tensor, act_scale: "Scale | None" = None) -> torch.Tensor:
     """2·(W_ref − W_q), its columns scaled by the activation scale (a vector) or whitened by
-    R^{1/2} (a :class:`~nkat_runtime.theta.calibrate.Whitening`) when given."""
+    a square root of R (a :class:`~nkat_runtime.theta.calibrate.Whitening`) when given."""
     e = 2.0 * (w_ref.float() - w_q.float())
     if isinstance(act_scale, torch.Tensor):
         e = e * act_scale.float()[None, :]
     elif act_scale is not None:
-        e = e @ act_scale.sqrt
+        e = act_scale.whiten(e)
     return e
+
+
+def unscaled(svd: SVDResult, act_scale: "Scale | None") -> SVDResult:
+    """The SVD of a scaled or whitened residual with its right vectors taken back through the
+    scaling (÷ scale) or whitening (·L⁻¹), so that its :meth:`~SVDResult.factors` are θ's at any
+    rank (the map is linear in the rows) and the scale need not be kept."""
+    if act_scale is None:
+        return svd
+    if isinstance(act_scale, torch.Tensor):
+        vh = svd.vh / act_scale.float()[None, :]
+    else:
+        vh = act_scale.unwhiten(svd.vh)
+    return SVDResult(svd.u, svd.s, vh, svd.total_energy)
 
 
 def residual_factors(svd: SVDResult, rank: int, act_scale: "Scale | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of the residual's rank-r part (undoing the activation scaling or whitening)."""
-    left, right = svd.factors(rank)
-    if isinstance(act_scale, torch.Tensor):
-        right = right / act_scale.float()[None, :]
-    elif act_scale is not None:
-        right = right @ act_scale.inv_sqrt
-    return left, right
+    return unscaled(svd, act_scale).factors(rank)
 
 
 def activation_scale(mean_abs: torch.Tensor, floor_ratio: float = 1e-3) -> torch.Tensor:

@@ -50,9 +50,30 @@ def test_whitened_svd_minimises_the_output_error():
 def test_whitening_is_safe_on_a_rank_deficient_matrix():
     x = _inputs(16, 32)  # 16 samples of 32 channels: R has rank 16
     w = whitening(x.T @ x / 16)
-    assert torch.isfinite(w.inv_sqrt).all() and torch.isfinite(w.sqrt).all()
-    eye = w.sqrt @ w.inv_sqrt
-    assert torch.allclose(eye, torch.eye(32), atol=1e-3)
+    assert torch.isfinite(w.chol).all()
+    m = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(w.unwhiten(w.whiten(m)), m, atol=1e-3)
+
+
+def test_any_square_root_gives_the_same_theta():
+    """The Cholesky factor L (R = L·Lᵀ) in place of QERA's symmetric R^{1/2}: the same singular
+    values, the same θ (L = R^{1/2}·Q for an orthogonal Q)."""
+    g = torch.Generator().manual_seed(3)
+    w_ref = torch.randn(24, 40, generator=g)
+    w_q = w_ref + 0.1 * torch.randn(24, 40, generator=g)
+    x = _inputs(2048, 40, seed=4)
+    wh = whitening(x.T @ x / x.shape[0], damp=1e-4)
+    r = (wh.chol @ wh.chol.T).double()  # R + λI exactly as whitened
+    evals, evecs = torch.linalg.eigh(r)
+    sqrt, inv = (evecs * evals.sqrt()) @ evecs.T, (evecs * evals.rsqrt()) @ evecs.T
+    e = 2.0 * (w_ref - w_q).double()
+    u, s, vh = torch.linalg.svd(e @ sqrt, full_matrices=False)
+    rank = 5
+    symmetric = (u[:, :rank] * s[:rank]) @ vh[:rank] @ inv
+    svd = truncated_svd(residual_matrix(w_q, w_ref, wh), rank)
+    assert torch.allclose(svd.s.double(), s[:rank], rtol=1e-4)
+    cholesky = torch.matmul(*residual_factors(svd, rank, wh)).double()
+    assert torch.allclose(cholesky, symmetric, atol=1e-4 * float(symmetric.abs().max()))
 
 
 def test_shared_inputs():

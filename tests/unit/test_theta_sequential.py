@@ -13,7 +13,7 @@ from nkat_runtime.theta.calibrate import whitening
 from nkat_runtime.theta.svd import residual_factors, residual_matrix, truncated_svd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from sequential_theta import delta_factors, fit_delta, top_svd, whitening_factor  # noqa: E402
+from sequential_theta import delta_factors, fit_delta, top_svd  # noqa: E402
 
 
 def _problem(seed: int = 0, n: int = 4096, d_in: int = 64, d_out: int = 48):
@@ -30,7 +30,7 @@ def _problem(seed: int = 0, n: int = 4096, d_in: int = 64, d_out: int = 48):
 def _fit(x_ref, x_c, w_ref, w_c, rank: int, damp: float = 1e-8):
     r = x_c.T @ x_c / x_c.shape[0]
     c = x_ref.T @ x_c / x_c.shape[0]
-    chol = whitening_factor(r, damp)
+    chol = whitening(r, damp).chol
     svd = fit_delta(w_ref @ c - w_c @ r, chol, rank)
     left, right = delta_factors(svd, chol, rank)
     return 0.5 * left.double() @ right.double()  # Δ: the file's θ is 2Δ, applied at 0.5·γ
