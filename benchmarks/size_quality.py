@@ -213,7 +213,8 @@ def main() -> int:
     p.add_argument("--work", default=str(Path.home() / ".cache" / "nkat" / "size-quality"))
     p.add_argument("--types", nargs="*", default=list(TYPES))
     p.add_argument("--theta", nargs="*", default=list(THETA), help="BASE:RANK[:STATS] θ files to make and score")
-    p.add_argument("--activation-stats", default="mean-abs", choices=("mean-abs", "second-moment"))
+    p.add_argument("--activation-stats", default="second-moment", choices=("second-moment", "mean-abs"),
+                   help="for θ files whose spec names none (default: the converter's, second-moment)")
     p.add_argument("--text", default=str(REPO.parent / "shared" / "data" / "wiki_vital_en.txt"))
     p.add_argument("--chunks", type=int, default=40)
     p.add_argument("--ctx", type=int, default=512)

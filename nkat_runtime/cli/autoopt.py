@@ -30,11 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="output", help="where the results go (default ./output)")
     p.add_argument("--target-rank", type=int, default=None, help="fix θ's rank and search γ only")
     p.add_argument("--reference", default=None, help="a finer GGUF of the same model: residual θ")
-    p.add_argument("--calibration", default=None, help="text for activation-aware residual θ (default built-in)")
-    p.add_argument("--activation-stats", choices=("mean-abs", "second-moment"), default="mean-abs",
-                   help="residual θ's calibration statistic: mean-abs = per-channel mean |x| (LQER-style scaling), "
-                        "second-moment = the inputs' E[x·xᵀ], whose whitening minimises the layer's output error "
-                        "(QERA)")
+    common.add_calibration_args(p)
     p.add_argument("--eval-file", default=None, help="text for perplexity (default: a built-in Wikipedia excerpt)")
     p.add_argument("--eval-chunks", type=int, default=None, help="perplexity chunks of --ctx tokens per trial")
     p.add_argument("--ctx", type=int, default=512, help="perplexity chunk size (default 512)")
@@ -73,8 +69,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "custom" and not args.trials:
         raise ValueError("--mode custom needs --trials N")
     trials = args.trials or trials
-    if trials < 1 or (args.target_rank is not None and args.target_rank < 1) or args.heartbeat < 1:
-        raise ValueError("--trials, --target-rank and --heartbeat must be >= 1")
+    if (trials < 1 or (args.target_rank is not None and args.target_rank < 1) or args.heartbeat < 1
+            or args.calibration_chunks < 1):
+        raise ValueError("--trials, --target-rank, --heartbeat and --calibration-chunks must be >= 1")
     model = Path(resolve_model(args.model))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +80,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         calibration=Path(args.calibration) if args.calibration else None,
         eval_file=Path(args.eval_file) if args.eval_file else None, eval_chunks=args.eval_chunks or chunks,
         ctx=args.ctx, decode_steps=args.decode_steps or steps, target_rank=args.target_rank,
-        activation=args.activation_stats,
+        activation=args.activation_stats, calibration_chunks=args.calibration_chunks,
         device=str(pick_device(args.device, args.no_cuda)), progress=not args.quiet)
     if cfg.reference is not None and not cfg.reference.is_file():
         raise ValueError(f"reference not found: {cfg.reference}")

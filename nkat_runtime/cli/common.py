@@ -51,6 +51,20 @@ def add_model_args(parser: argparse.ArgumentParser, ctx_default: int | None = No
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """Residual θ's calibration (the converter and the optimiser)."""
+    from ..theta.calibrate import DEFAULT_CHUNKS, DEFAULT_STAT, STATS
+
+    parser.add_argument("--calibration", default=None, help="text for activation-aware residual θ (default: built-in)")
+    parser.add_argument("--calibration-chunks", type=int, default=DEFAULT_CHUNKS,
+                        help=f"chunks of 512 tokens of it (default {DEFAULT_CHUNKS})")
+    parser.add_argument("--activation-stats", choices=STATS, default=DEFAULT_STAT,
+                        help="residual θ's calibration statistic: second-moment (default) = the inputs' E[x·xᵀ], "
+                             "whose whitening minimises each layer's output error (QERA); mean-abs = per-channel "
+                             "mean |x| (LQER-style scaling), cheaper on wide layers, measured worse "
+                             "(docs/theta-results.md §2f)")
+
+
 MODEL_KEYS = {"model": "model", "ctx": "ctx", "device": "device", "threads": "threads",
               "cache_type_k": "cache_type_k", "cache_type_v": "cache_type_v"}
 ZERO_IS_DEFAULT = {"ctx", "threads"}  # "threads = 0" in a config file means "the default"

@@ -27,11 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moyal: the guide's recipe (θ from W itself); residual: quantisation-error "
                         "compensation against --reference (default: residual when --reference is given)")
     p.add_argument("--reference", default=None, help="a finer GGUF of the same model (residual mode)")
-    p.add_argument("--calibration", default=None, help="text for activation-aware residual θ (default: built-in)")
-    p.add_argument("--activation-stats", choices=("mean-abs", "second-moment"), default="mean-abs",
-                   help="residual θ's calibration statistic: mean-abs = per-channel mean |x| (LQER-style scaling), "
-                        "second-moment = the inputs' E[x·xᵀ], whose whitening minimises the layer's output error "
-                        "(QERA)")
+    common.add_calibration_args(p)
     p.add_argument("--no-calibration", action="store_true", help="plain SVD of the residual (no activation scaling)")
     p.add_argument("--selective-layers", nargs="+", default=None, metavar="NAME",
                    help="θ only on these weights: GGUF, Meta or Hugging Face names, or globs")
@@ -84,6 +80,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         calibration=Path(args.calibration) if args.calibration else None, use_calibration=not args.no_calibration,
         selective_layers=args.selective_layers, target_size=args.target_size, optimize_rank=args.optimize_rank,
         energy_target=args.energy, max_rank=args.max_rank, dry_run=args.dry_run, activation=args.activation_stats,
+        calibration_chunks=args.calibration_chunks,
         budget_bytes=int(args.theta_budget * 2**20) if args.theta_budget is not None else None,
     )
     res = convert(opts)

@@ -22,7 +22,7 @@ from ..eval.perplexity import perplexity_of_tokens
 from ..gguf.reader import open_gguf
 from ..loader import load_model
 from ..model.theta_linear import ThetaLinear, set_theta_gamma
-from .calibrate import Calibration
+from .calibrate import DEFAULT_CHUNKS, DEFAULT_STAT, Calibration
 from .convert import (
     BUILTIN_CALIBRATION,
     TargetSVD,
@@ -51,7 +51,8 @@ class SearchConfig:
     target_rank: int | None = None
     device: str | None = None
     progress: bool = True
-    activation: str = "mean-abs"  # residual θ's calibration statistic (theta/calibrate.py)
+    activation: str = DEFAULT_STAT  # residual θ's calibration statistic (theta/calibrate.py)
+    calibration_chunks: int = DEFAULT_CHUNKS
 
     @property
     def theta_mode(self) -> str:
@@ -97,7 +98,7 @@ class ThetaSearch:
             cal_path = cfg.calibration or BUILTIN_CALIBRATION
             if not Path(cal_path).is_file():
                 raise NKATError(f"calibration text not found: {cal_path}")
-            cal = Calibration(Path(cal_path).read_text(encoding="utf-8"), 4, cfg.activation)
+            cal = Calibration(Path(cal_path).read_text(encoding="utf-8"), cfg.calibration_chunks, cfg.activation)
         self.svds: dict[str, TargetSVD] = theta_svds(cfg.theta_mode, self.src, cfg.model, self.targets, ref, cal,
                                                      max(cfg.ranks), progress=cfg.progress)
         self.lm = load_model(cfg.model, device=cfg.device, context=cfg.ctx, progress=cfg.progress, theta=False)

@@ -25,7 +25,16 @@ from ..errors import NKATError
 from ..gguf.names import BLOCK_WEIGHT, select, to_gguf
 from ..gguf.reader import GGUFFile, open_gguf
 from ..gguf.writer import write_derived_gguf
-from .calibrate import STATS, Calibration, Whitening, calibration_groups, input_key, whitening
+from .calibrate import (
+    DEFAULT_CHUNKS,
+    DEFAULT_STAT,
+    STATS,
+    Calibration,
+    Whitening,
+    calibration_groups,
+    input_key,
+    whitening,
+)
 from .factors import ThetaFactors, theta_tensor_names
 from .ranks import allocate
 from .svd import (
@@ -67,8 +76,8 @@ class ConvertOptions:
     optimize_rank: bool = False
     energy_target: float = 0.5  # --optimize-rank: share of the target's energy θ must capture
     max_rank: int = 32
-    calibration_chunks: int = 4
-    activation: str = "mean-abs"  # calibration statistic: mean-abs (LQER) or second-moment (QERA)
+    calibration_chunks: int = DEFAULT_CHUNKS
+    activation: str = DEFAULT_STAT  # calibration statistic: second-moment (QERA) or mean-abs (LQER)
     budget_bytes: int | None = None  # ranks per target chosen to fit this many θ bytes (theta/ranks.py)
     dry_run: bool = False
     progress: bool = True
@@ -153,6 +162,8 @@ def check_paths(opts: ConvertOptions) -> None:
         raise ConvertError("--theta-budget needs residual mode, a size > 0, and no --optimize-rank")
     if opts.activation not in STATS:
         raise ConvertError(f"unknown --activation-stats {opts.activation!r} ({' or '.join(STATS)})")
+    if opts.calibration_chunks < 1:
+        raise ConvertError("--calibration-chunks must be >= 1")
     if opts.target_size < 8:
         raise ConvertError("--target-size must be >= 8")
 

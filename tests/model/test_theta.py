@@ -177,6 +177,7 @@ def test_converter_errors_exit_2_and_write_nothing(tiny_model, tmp_path):
         ["--input", str(src), "--output", str(out), "--reference", str(other)],
         ["--input", str(src), "--output", str(src)],
         ["--input", str(tmp_path / "missing.gguf"), "--output", str(out)],
+        ["--input", str(src), "--output", str(out), "--reference", str(src), "--calibration-chunks", "0"],
     ]
     before = src.read_bytes()
     for args in cases:
