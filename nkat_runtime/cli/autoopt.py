@@ -2,7 +2,8 @@
 decode speed; writes the history, the study summary, a plot and the best .nkat file.
 
 Modes: quick (12 trials, 2 perplexity chunks), full (100 trials, 8 chunks), custom
-(--trials N). Trial 0 is the baseline (θ off), so the summary says whether θ beat it. The
+(--trials N). Trial 0 is the baseline (θ off), so the summary says whether θ beat it; with
+--reference, trials 1 and 2 are γ = 1 (residual θ's own) at ranks 8 and 32. The
 study lives in --storage (default: SQLite in --output-dir): rerun the same command to resume
 after a crash; point several workers at one PostgreSQL/MySQL URL to share a study. A worker
 that dies mid-trial is noticed by the others (--heartbeat) and its trial rerun.

@@ -3,7 +3,8 @@ machine, PostgreSQL/MySQL across machines), shared by any number of workers.
 
 ``--trials N`` is the number of finished trials the *study* should reach: a crashed run
 resumes where it stopped, and workers on one storage stop together at N. Trial 0 is the
-baseline (γ = 0: θ off). A killed worker's running trial is failed by Optuna's heartbeat and
+baseline (γ = 0: θ off); for residual θ, trials 1 and 2 are γ = 1 at ranks 8 and 32
+(:func:`queued_points`). A killed worker's running trial is failed by Optuna's heartbeat and
 rerun with the same parameters (theta/storage.py), in the slot it held: the study still ends
 with N complete trials.
 """
@@ -100,6 +101,25 @@ def fail_dead_trials(study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+#: residual θ's own γ: 2·(W_ref − W_q) at 0.5·γ adds back its rank-r part (tried first at these ranks)
+RESIDUAL_GAMMA = 1.0
+SEEDED_RANKS = (8, 32)
+
+
+def queued_points(cfg: SearchConfig) -> list[dict]:
+    """The trials queued before the sampler's own: the baseline (θ off), and for residual θ its
+    construction's γ = 1 at rank 8 and the largest rank (TPE's 12 quick trials drew γ far from it;
+    docs/auto-optimizer.md)."""
+    ranks = cfg.ranks
+    if len(ranks) == 1:
+        points = [{"gamma": 0.0}] + ([{"gamma": RESIDUAL_GAMMA}] if cfg.theta_mode == "residual" else [])
+        return points
+    points = [{"rank": ranks[0], "gamma": 0.0}]
+    if cfg.theta_mode == "residual":
+        points += [{"rank": r, "gamma": RESIDUAL_GAMMA} for r in SEEDED_RANKS if r in ranks]
+    return points
+
+
 def suggest(trial, cfg: SearchConfig) -> tuple[int, float]:
     ranks = cfg.ranks
     rank = ranks[0] if len(ranks) == 1 else trial.suggest_categorical("rank", list(ranks))
@@ -164,8 +184,9 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
 
     cfg = search.cfg
     if not study.trials:
-        baseline = {"gamma": 0.0} if len(cfg.ranks) == 1 else {"rank": cfg.ranks[0], "gamma": 0.0}
-        study.enqueue_trial(baseline, user_attrs={"baseline": True})
+        for i, params in enumerate(queued_points(cfg)):
+            study.enqueue_trial(params, user_attrs={"baseline": True, "queued": "baseline"} if i == 0
+                                else {"queued": f"rank {params.get('rank')} at γ {params['gamma']}"})
     done = _count(study, TrialState.COMPLETE)
     if done >= n_trials:
         return 0
@@ -196,9 +217,10 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
             if me is None:  # failed by another worker while this one waited: it was silent too long
                 taken = trial.number
                 raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was failed elsewhere")
-            if me.user_attrs.get("baseline") and any(
-                    t.user_attrs.get("baseline") and (slot(t), t.number) < (slot(me), me.number) for t in live):
-                raise optuna.TrialPruned("another worker queued the baseline first")  # workers started together
+            tag = me.user_attrs.get("queued")
+            if tag and any(t.user_attrs.get("queued") == tag and (slot(t), t.number) < (slot(me), me.number)
+                           for t in live):
+                raise optuna.TrialPruned(f"another worker queued {tag} first")  # workers started together
             # the trials in slots before this one go first: two workers each waiting on the other's
             # trial would wait for ever (seen under load: both held the 8th slot of 8)
             ahead = [t for t in live

@@ -70,6 +70,23 @@ def test_three_trials_write_all_outputs(tiny_model, tmp_path):
     assert layers and all(layer.gamma == pytest.approx(best["params"]["gamma"], rel=1e-6) for layer in layers)
 
 
+def test_residual_study_tries_gamma_one_first(tiny_model, tmp_path):
+    """With a reference, the trials after the baseline are residual θ's own γ = 1 at ranks 8 and 32,
+    then the sampler's: quick mode's 12 trials did not find them alone (docs/auto-optimizer.md)."""
+    from nkat_runtime.gguf.requantize import requantize
+
+    fine = tiny_model("llama", seed=0)
+    coarse = tmp_path / "coarse.gguf"
+    requantize(fine, coarse, "Q4_0", progress=False)
+    assert _run(coarse, tmp_path / "out", "--trials", "4", "--reference", str(fine)) == 0
+    trials = json.loads((tmp_path / "out" / "optimization_history.json").read_text())["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2, 3] and trials[0]["baseline"]
+    assert [t["params"] for t in trials[:3]] == [{"rank": 2, "gamma": 0.0}, {"rank": 8, "gamma": 1.0},
+                                                 {"rank": 32, "gamma": 1.0}]
+    assert trials[1]["perplexity"] != trials[0]["perplexity"]  # θ was on (random weights: better or worse)
+    assert not any(t["baseline"] for t in trials[1:])
+
+
 @pytest.mark.slow  # 23-39 s: two CLI runs
 def test_resume_continues_the_trial_count(tiny_model, tmp_path):
     model = tiny_model("llama")
