@@ -108,16 +108,18 @@ def calibration_groups(path: Path, targets: list[str], cal: Calibration,
             keys.setdefault(input_key(t), []).append(t)
     batches = calibration_batches(lm.tokenizer, cal.text, cal.chunks, cal.ctx)
     passes = _passes(keys, modules, cal.kind, cal.budget_bytes)
-    for group in tqdm(passes, desc="calibration", unit="pass", disable=not progress or len(passes) == 1):
+    for i, group in enumerate(tqdm(passes, desc="calibration", unit="pass", disable=not progress or len(passes) == 1)):
         sums = _pass_sums(lm.model, modules, {key: keys[key][0] for key in group}, batches, cal.kind)
+        if i == len(passes) - 1:
+            del lm, modules  # the caller's SVDs of the last group run without the model in memory
         out: dict[str, torch.Tensor] = {}
         for key in list(sums):
             total, count = sums.pop(key)  # an inference tensor: divided into a new one, the sum dropped
-            stat = total / count
-            del total
-            for t in keys[key]:
-                out[t] = stat
+            mean = total / count
+            out.update(dict.fromkeys(keys[key], mean))  # one tensor for the targets that share the input
+            del total, mean
         yield out
+        del out  # before the next pass: else two groups' statistics are held at once
 
 
 class _Stop(Exception):

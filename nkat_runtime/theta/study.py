@@ -108,8 +108,8 @@ SEEDED_RANKS = (8, 32)
 
 def queued_points(cfg: SearchConfig) -> list[dict]:
     """The trials queued before the sampler's own: the baseline (θ off), and for residual θ its
-    construction's γ = 1 at rank 8 and the largest rank (TPE's 12 quick trials drew γ far from it;
-    docs/auto-optimizer.md)."""
+    construction's γ = 1 at ranks 8 and 32, or at the one rank searched (TPE's 12 quick trials drew
+    γ far from it; docs/auto-optimizer.md)."""
     ranks = cfg.ranks
     if len(ranks) == 1:
         points = [{"gamma": 0.0}] + ([{"gamma": RESIDUAL_GAMMA}] if cfg.theta_mode == "residual" else [])
@@ -118,6 +118,12 @@ def queued_points(cfg: SearchConfig) -> list[dict]:
     if cfg.theta_mode == "residual":
         points += [{"rank": r, "gamma": RESIDUAL_GAMMA} for r in SEEDED_RANKS if r in ranks]
     return points
+
+
+def queued_tag(trial) -> str | None:
+    """What a queued trial is (workers racing to create a study each queue them; the later copy is
+    pruned): its ``queued`` attribute, or ``baseline`` for a baseline queued by an older version."""
+    return trial.user_attrs.get("queued") or ("baseline" if trial.user_attrs.get("baseline") else None)
 
 
 def suggest(trial, cfg: SearchConfig) -> tuple[int, float]:
@@ -185,8 +191,9 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
     cfg = search.cfg
     if not study.trials:
         for i, params in enumerate(queued_points(cfg)):
+            rank = params.get("rank", cfg.ranks[0])
             study.enqueue_trial(params, user_attrs={"baseline": True, "queued": "baseline"} if i == 0
-                                else {"queued": f"rank {params.get('rank')} at γ {params['gamma']}"})
+                                else {"queued": f"γ {params['gamma']} at rank {rank}"})
     done = _count(study, TrialState.COMPLETE)
     if done >= n_trials:
         return 0
@@ -217,9 +224,8 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
             if me is None:  # failed by another worker while this one waited: it was silent too long
                 taken = trial.number
                 raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was failed elsewhere")
-            tag = me.user_attrs.get("queued")
-            if tag and any(t.user_attrs.get("queued") == tag and (slot(t), t.number) < (slot(me), me.number)
-                           for t in live):
+            tag = queued_tag(me)
+            if tag and any(queued_tag(t) == tag and (slot(t), t.number) < (slot(me), me.number) for t in live):
                 raise optuna.TrialPruned(f"another worker queued {tag} first")  # workers started together
             # the trials in slots before this one go first: two workers each waiting on the other's
             # trial would wait for ever (seen under load: both held the 8th slot of 8)

@@ -87,6 +87,26 @@ def test_residual_study_tries_gamma_one_first(tiny_model, tmp_path):
     assert not any(t["baseline"] for t in trials[1:])
 
 
+def test_a_study_from_before_second_moment_resumes_only_as_mean_abs(tiny_model, tmp_path, capsys):
+    """A residual study made when mean-abs was the default (its settings lack the statistic) is not
+    continued with the second-moment θ: that would mix two objectives in one study."""
+    import optuna
+
+    from nkat_runtime.theta.autoopt import RANKS
+    from nkat_runtime.theta.convert import sha256_file
+
+    model, fine = tiny_model("llama"), tiny_model("llama", seed=0)
+    storage = f"sqlite:///{tmp_path / 'old.db'}"
+    old = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    old.set_user_attr("settings", {"model_sha256": sha256_file(model), "theta_mode": "residual",
+                                   "ranks": list(RANKS["residual"]), "eval_chunks": 2, "ctx": 64})
+    args = ["--storage", storage, "--study-name", "old", "--reference", str(fine), "--trials", "1"]
+    assert _run(model, tmp_path / "a", *args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # (after optuna's own line about creating the study)
+    assert err.startswith("nkat-auto-optimizer: error: study 'old'") and "was made for other settings" in err
+    assert _run(model, tmp_path / "b", *args, "--activation-stats", "mean-abs") == 0
+
+
 @pytest.mark.slow  # 23-39 s: two CLI runs
 def test_resume_continues_the_trial_count(tiny_model, tmp_path):
     model = tiny_model("llama")
