@@ -91,11 +91,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         study = open_study(storage, name, args.seed, args.heartbeat)
         settings = {"model_sha256": sha256_file(model), "theta_mode": cfg.theta_mode, "ranks": list(cfg.ranks),
                     "eval_chunks": cfg.eval_chunks, "ctx": cfg.ctx}
-        stored = study.user_attrs.get("settings", settings)
-        if cfg.theta_mode == "residual":  # θ's calibration too; a study from before these keys was mean-abs, 4
+        if cfg.theta_mode == "residual":  # θ's calibration too
             settings.update(activation=cfg.activation, calibration_chunks=cfg.calibration_chunks)
-            stored = {"activation": "mean-abs", "calibration_chunks": 4, **stored}
-        if stored != settings:
+        stored = study.user_attrs.get("settings")
+        if stored is not None and cfg.theta_mode == "residual":
+            stored = {"activation": "mean-abs", "calibration_chunks": 4, **stored}  # a study from before these keys
+        if stored not in (None, settings):
             raise ValueError(f"study {name!r} in {mask_url(storage)} was made for other settings "
                              f"({study.user_attrs['settings']}); pick another --study-name")
         study.set_user_attr("settings", settings)

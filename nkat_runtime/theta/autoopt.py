@@ -22,11 +22,11 @@ from ..eval.perplexity import perplexity_of_tokens
 from ..gguf.reader import open_gguf
 from ..loader import load_model
 from ..model.theta_linear import ThetaLinear, set_theta_gamma
-from .calibrate import DEFAULT_CHUNKS, DEFAULT_STAT, Calibration
+from .calibrate import DEFAULT_CHUNKS, DEFAULT_STAT
 from .convert import (
-    BUILTIN_CALIBRATION,
     TargetSVD,
     check_reference,
+    load_calibration,
     plan_targets,
     theta_svds,
     write_nkat,
@@ -93,12 +93,7 @@ class ThetaSearch:
             if ref.architecture != self.src.architecture:
                 raise NKATError(f"reference architecture {ref.architecture} differs from {self.src.architecture}")
             check_reference(self.src, ref)
-        cal = None
-        if ref is not None:
-            cal_path = cfg.calibration or BUILTIN_CALIBRATION
-            if not Path(cal_path).is_file():
-                raise NKATError(f"calibration text not found: {cal_path}")
-            cal = Calibration(Path(cal_path).read_text(encoding="utf-8"), cfg.calibration_chunks, cfg.activation)
+        cal = load_calibration(cfg.calibration, cfg.calibration_chunks, cfg.activation) if ref is not None else None
         self.svds: dict[str, TargetSVD] = theta_svds(cfg.theta_mode, self.src, cfg.model, self.targets, ref, cal,
                                                      max(cfg.ranks), progress=cfg.progress)
         self.lm = load_model(cfg.model, device=cfg.device, context=cfg.ctx, progress=cfg.progress, theta=False)

@@ -178,6 +178,14 @@ def check_reference(src: GGUFFile, ref: GGUFFile) -> None:
                                f"reference {ref.tensors[name].shape}")
 
 
+def load_calibration(path: Path | None, chunks: int, kind: str) -> Calibration:
+    """The calibration of residual θ: ``path`` (None: the built-in text), ``chunks`` chunks of it."""
+    path = Path(path or BUILTIN_CALIBRATION)
+    if not path.is_file():
+        raise ConvertError(f"calibration text not found: {path}")
+    return Calibration(path.read_text(encoding="utf-8"), chunks, kind)
+
+
 def dequantized(g: GGUFFile, name: str) -> torch.Tensor:
     t = g.tensor(name)
     return quant.dequantize(t.raw_tensor(), t.qtype, t.shape)
@@ -307,13 +315,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         if ref.architecture != src.architecture:
             raise ConvertError(f"reference architecture {ref.architecture} differs from {src.architecture}")
         check_reference(src, ref)
-    cal = None
     aware = mode == "residual" and opts.use_calibration
-    if aware:
-        cal_path = opts.calibration or BUILTIN_CALIBRATION
-        if not Path(cal_path).is_file():
-            raise ConvertError(f"calibration text not found: {cal_path}")
-        cal = Calibration(Path(cal_path).read_text(encoding="utf-8"), opts.calibration_chunks, opts.activation)
+    cal = load_calibration(opts.calibration, opts.calibration_chunks, opts.activation) if aware else None
     result = ConvertResult(output=None, mode=mode, activation_aware=aware)
     thetas = compute_theta(opts, src, targets, ref, cal)
     for name, (f, share) in thetas.items():

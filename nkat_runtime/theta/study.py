@@ -106,18 +106,19 @@ RESIDUAL_GAMMA = 1.0
 SEEDED_RANKS = (8, 32)
 
 
-def queued_points(cfg: SearchConfig) -> list[dict]:
-    """The trials queued before the sampler's own: the baseline (θ off), and for residual θ its
-    construction's γ = 1 at ranks 8 and 32, or at the one rank searched (TPE's 12 quick trials drew
-    γ far from it; docs/auto-optimizer.md)."""
+def queued_points(cfg: SearchConfig) -> list[tuple[dict, dict]]:
+    """The trials queued before the sampler's own, as (parameters, user attributes): the baseline
+    (θ off), and for residual θ its construction's γ = 1 at ranks 8 and 32, or at the one rank
+    searched (TPE's 12 quick trials drew γ far from it; docs/auto-optimizer.md)."""
     ranks = cfg.ranks
-    if len(ranks) == 1:
-        points = [{"gamma": 0.0}] + ([{"gamma": RESIDUAL_GAMMA}] if cfg.theta_mode == "residual" else [])
-        return points
-    points = [{"rank": ranks[0], "gamma": 0.0}]
-    if cfg.theta_mode == "residual":
-        points += [{"rank": r, "gamma": RESIDUAL_GAMMA} for r in SEEDED_RANKS if r in ranks]
-    return points
+    fixed = len(ranks) == 1  # --target-rank: rank is not a parameter
+    seeded = [] if cfg.theta_mode != "residual" else ranks if fixed else [r for r in SEEDED_RANKS if r in ranks]
+
+    def point(rank: int, gamma: float) -> dict:
+        return {"gamma": gamma} if fixed else {"rank": rank, "gamma": gamma}
+
+    return [(point(ranks[0], 0.0), {"baseline": True, "queued": "baseline"})] + [
+        (point(r, RESIDUAL_GAMMA), {"queued": f"γ {RESIDUAL_GAMMA} at rank {r}"}) for r in seeded]
 
 
 def queued_tag(trial) -> str | None:
@@ -190,10 +191,8 @@ def run_trials(study, search: ThetaSearch, n_trials: int, progress: bool = True,
 
     cfg = search.cfg
     if not study.trials:
-        for i, params in enumerate(queued_points(cfg)):
-            rank = params.get("rank", cfg.ranks[0])
-            study.enqueue_trial(params, user_attrs={"baseline": True, "queued": "baseline"} if i == 0
-                                else {"queued": f"γ {params['gamma']} at rank {rank}"})
+        for params, attrs in queued_points(cfg):
+            study.enqueue_trial(params, user_attrs=attrs)
     done = _count(study, TrialState.COMPLETE)
     if done >= n_trials:
         return 0
