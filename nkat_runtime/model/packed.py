@@ -17,7 +17,7 @@ Per tensor type (``pack_linear``):
 - float tensors (F16/F32/BF16): dequantised once to float32.
 
 Which form each type takes was chosen by measured figures (``docs/fast-path.md``,
-``benchmarks/kernels.py``): torch's int4 kernel reads its 0.625 B/weight at 17–21 GB/s on a
+``benchmarks/kernel_forms.py``): torch's int4 kernel reads its 0.625 B/weight at 17–21 GB/s on a
 2-core EPYC and keeps most of that speed up to 4 rows, so two int4 parts beat the fused
 kernel over byte codes for the 5- and 8-bit types (Q5_K 8960×1536, one row: 0.9 ms against
 2.5 ms; 8 rows: 3.2 ms against 17 ms) at 1.25 against 1.06 B/weight; for Q6_K the fused

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nkat_runtime.gguf.requantize import requantize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))  # after site-packages: a script must never shadow a package
 from theta_ceiling import ceiling_rows  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40

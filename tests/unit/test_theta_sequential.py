@@ -12,7 +12,7 @@ import torch
 from nkat_runtime.theta.calibrate import whitening
 from nkat_runtime.theta.svd import residual_factors, residual_matrix, truncated_svd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))  # after site-packages: a script must never shadow a package
 from sequential_theta import delta_factors, fit_delta, top_svd  # noqa: E402
 
 

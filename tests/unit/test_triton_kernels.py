@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from aotcheck import aot  # noqa: E402
 from paths import REPO  # noqa: E402
 
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.append(str(REPO / "benchmarks"))  # after site-packages: a script must never shadow a package
 from synthetic_gguf import F16_FIELDS, random_blocks_np  # noqa: E402  (the blocks gpu_check times)
 
 PAD = 3  # rows of NaN bytes around a weight, rows and columns of NaN around the activations

@@ -1,7 +1,7 @@
 """The fast path's matrix kernels, one by one: time per call, weights/s and bytes/s read.
 
-    python benchmarks/kernels.py --threads 2
-    python benchmarks/kernels.py --threads 1 --rows 1,8 --json kernels.json
+    python benchmarks/kernel_forms.py --threads 2
+    python benchmarks/kernel_forms.py --threads 1 --rows 1,8 --json kernels.json
 
 For each GGUF type, on the shapes that dominate real models (Qwen2.5-1.5B's Q6_K head and
 ffn_down, Gemma 3's tied Q8_0 head, Q4_K and Q5_0 blocks), random blocks are packed into the
