@@ -9,9 +9,10 @@ CPU. A BLAS GEMM does not give that: MKL picks its blocking (and with it each ou
 summation order) from the shape, so a row's result depends on how many rows come with it
 (measured: different bits for 1, 4 and 8 rows on an AMD EPYC, for 1 and 16 on a Xeon). So in a
 decode step (one token per sequence, ``x`` [B, 1, K]) a row-local layer makes every row a
-problem of its own: a 1-row product, the same problem whatever B is, posed as one item of a
-batched GEMM (``torch.bmm``: MKL's strided batch GEMM, one call for all rows), over fixed tiles
-of W's output rows so each tile is read from memory once per step. The tests check on every run
+problem of its own: a 1-row product, the same call whatever B is, over fixed tiles of W's
+output rows so each tile is read from memory once per step. (Posing the rows as the items of one
+batched GEMM, as this module did first, held on an AMD EPYC but not on a Xeon with AVX-512: see
+``row_local_matmul``.) The tests check on every run
 that a row's bits equal a standalone 1-row product's, batched or alone, at several thread
 counts and instruction sets. The int4 kernel (``int4.py``) needs none of this: each output is
 one sequential sum over K whatever M is. Transcendental element-wise ops (the FFN activation)
@@ -40,18 +41,36 @@ def tile_rows(out_features: int, in_features: int, element_size: int) -> int:
     return max(16, min(out_features, rows // 16 * 16))
 
 
+def own_row(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Row ``i`` of x [M, ...] as [1, ...] at the address alignment a fresh tensor has (64 bytes), so
+    a kernel that peels loads up to an aligned address runs the same instructions on it alone."""
+    row = x[i : i + 1]
+    if row.is_contiguous() and row.data_ptr() % 64 == 0:
+        return row
+    return row.clone(memory_format=torch.contiguous_format)
+
+
 def row_local_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x·Wᵀ`` for x [M, K], W [N, K]: each row its own 1-row product, as it is alone."""
+    """``x·Wᵀ`` for x [M, K], W [N, K]: each row its own 1-row product, as it is alone.
+
+    Each row is one call of its own, over fixed tiles of W's rows (a tile's loop runs every row
+    while the tile is in cache). One batched GEMM over the rows is not enough: MKL threads inside
+    an item of a small batch and across the items of a large one, and on a Xeon with AVX-512 the
+    two give different bits (measured at 2, 3 and 6 threads; not on an AMD EPYC, whose MKL runs its
+    AVX2 kernels)."""
     n, k = w.shape
     m = x.shape[0]
-    rows = x.to(w.dtype).reshape(m, 1, k).clone()  # a fresh buffer: the same layout whatever M is
+    x = x.to(w.dtype)
     step = tile_rows(n, k, w.element_size())
-    if step >= n:
-        return torch.bmm(rows, w.t().expand(m, k, n)).view(m, n)
+    rows = [own_row(x, i) for i in range(m)]
+    if step >= n and m == 1:
+        return torch.mm(rows[0], w.t())
     y = torch.empty(m, n, dtype=w.dtype, device=x.device)
     for start in range(0, n, step):
         tile = w[start : start + step].t()
-        y[:, start : start + tile.shape[1]] = torch.bmm(rows, tile.expand(m, k, tile.shape[1])).view(m, -1)
+        stop = start + tile.shape[1]
+        for i, row in enumerate(rows):
+            y[i : i + 1, start:stop] = torch.mm(row, tile)
     return y
 
 

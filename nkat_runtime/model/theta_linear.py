@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..theta.factors import ThetaFactors
-from .linear import RowLocal, is_decode
+from .linear import RowLocal, is_decode, own_row
 
 
 def project_right(x: torch.Tensor, right_t: torch.Tensor, row_local: bool) -> torch.Tensor:
@@ -31,9 +31,9 @@ def project_right(x: torch.Tensor, right_t: torch.Tensor, row_local: bool) -> to
     if x.dtype != right_t.dtype:
         x = x.to(right_t.dtype)
     if row_local and is_decode(x):
-        rows = x if x.is_contiguous() else x.contiguous()  # [B, 1, K]: the same strides whatever B is
-        b = rows.shape[0]
-        return torch.bmm(rows, right_t if b == 1 else right_t.expand(b, -1, -1))
+        if x.shape[0] == 1:
+            return torch.bmm(own_row(x, 0), right_t)
+        return torch.cat([torch.bmm(own_row(x, i), right_t) for i in range(x.shape[0])])
     return torch.mm(x.reshape(-1, x.shape[-1]), right_t[0])
 
 
@@ -43,9 +43,14 @@ def add_left(y: torch.Tensor, z: torch.Tensor, left_t: torch.Tensor, coef: float
     of its columns), ``left_t`` = U'ᵀ as [1, k, N]."""
     if y.dtype != left_t.dtype:
         return add_left(y.to(left_t.dtype), z, left_t, coef).to(y.dtype)
-    if z.dim() == 3:  # row-local decode, y [B, 1, N]: each row's 1-row GEMM, batched
-        b = z.shape[0]
-        return y.baddbmm_(z, left_t if b == 1 else left_t.expand(b, -1, -1), alpha=coef)
+    if z.dim() == 3:  # row-local decode, y [B, 1, N]: each row's own 1-row GEMM
+        for i in range(z.shape[0]):
+            yi = y[i : i + 1]
+            if yi.data_ptr() % 64 == 0:
+                yi.baddbmm_(own_row(z, i), left_t, alpha=coef)
+            else:  # at the alignment the row has alone
+                yi.copy_(own_row(y, i).baddbmm_(own_row(z, i), left_t, alpha=coef))
+        return y
     rows = y.reshape(-1, y.shape[-1])
     return rows.addmm_(z, left_t[0], alpha=coef).view(y.shape)
 
