@@ -45,9 +45,12 @@ def own_row(x: torch.Tensor, i: int) -> torch.Tensor:
     """Row ``i`` of x [M, ...] as [1, ...] at the address alignment a fresh tensor has (64 bytes), so
     a kernel that peels loads up to an aligned address runs the same instructions on it alone."""
     row = x[i : i + 1]
-    if row.is_contiguous() and row.data_ptr() % 64 == 0:
-        return row
-    return row.clone(memory_format=torch.contiguous_format)
+    return row if aligned(row) else row.clone(memory_format=torch.contiguous_format)
+
+
+def aligned(t: torch.Tensor) -> bool:
+    """Whether ``t`` is contiguous from a 64-byte boundary, as every fresh tensor is."""
+    return t.is_contiguous() and t.data_ptr() % 64 == 0
 
 
 def row_local_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from ..theta.factors import ThetaFactors
-from .linear import RowLocal, is_decode, own_row
+from .linear import RowLocal, aligned, is_decode, own_row
 
 
 def project_right(x: torch.Tensor, right_t: torch.Tensor, row_local: bool) -> torch.Tensor:
     """``z = x·V'ᵀ`` for x [..., K] and ``right_t`` = V'ᵀ as [1, K, k] (several targets' V' stacked too).
 
     In a decode step that keeps rows apart (``row_local``, x [B, 1, K]) each row is a 1-row
-    product of its own, one item of a batched GEMM ([B, 1, k]: the same problem whatever B is, as
+    product of its own, one call per row ([B, 1, k]: the same call whatever B is, as
     :func:`.linear.row_local_matmul`); otherwise one GEMM ([M, k]). Computed in V''s dtype.
     """
     if x.dtype != right_t.dtype:
@@ -46,7 +46,7 @@ def add_left(y: torch.Tensor, z: torch.Tensor, left_t: torch.Tensor, coef: float
     if z.dim() == 3:  # row-local decode, y [B, 1, N]: each row's own 1-row GEMM
         for i in range(z.shape[0]):
             yi = y[i : i + 1]
-            if yi.data_ptr() % 64 == 0:
+            if aligned(yi):
                 yi.baddbmm_(own_row(z, i), left_t, alpha=coef)
             else:  # at the alignment the row has alone
                 yi.copy_(own_row(y, i).baddbmm_(own_row(z, i), left_t, alpha=coef))
