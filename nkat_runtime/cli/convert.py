@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="a finer GGUF of the same model (residual mode)")
     common.add_calibration_args(p)
     p.add_argument("--no-calibration", action="store_true", help="plain SVD of the residual (no activation scaling)")
+    p.add_argument("--distill-steps", type=int, default=0, metavar="N",
+                   help="then train every θ factor for N steps (one chunk of 512 tokens each) to bring the "
+                        "model's next-token distributions to --reference's (KL distillation; default 0: off)")
+    p.add_argument("--distill-text", default=None, metavar="FILE",
+                   help="UTF-8 text the distillation trains on (default: the calibration text); at least "
+                        "N + 2 chunks of 512 tokens, or chunks repeat")
     p.add_argument("--selective-layers", nargs="+", default=None, metavar="NAME",
                    help="θ only on these weights: GGUF, Meta or Hugging Face names, or globs")
     p.add_argument("--optimize-rank", action="store_true",
@@ -80,7 +86,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         calibration=Path(args.calibration) if args.calibration else None, use_calibration=not args.no_calibration,
         selective_layers=args.selective_layers, target_size=args.target_size, optimize_rank=args.optimize_rank,
         energy_target=args.energy, max_rank=args.max_rank, dry_run=args.dry_run, activation=args.activation_stats,
-        calibration_chunks=args.calibration_chunks,
+        calibration_chunks=args.calibration_chunks, distill_steps=args.distill_steps,
+        distill_text=Path(args.distill_text) if args.distill_text else None,
         budget_bytes=int(args.theta_budget * 2**20) if args.theta_budget is not None else None,
     )
     res = convert(opts)
@@ -93,6 +100,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     summary = {"output": str(res.output) if res.output else None, "mode": res.mode,
                "activation_aware": res.activation_aware, "targets": len(res.targets),
                "bytes_added": res.bytes_added, "seconds": res.seconds, "dry_run": args.dry_run}
+    if res.distill is not None:
+        d = res.distill
+        summary["distill"] = {"steps": d.steps, "train_chunks": d.train_chunks,
+                              "eval_chunks": d.eval_chunks, "held_out_kl_before": d.kl_before,
+                              "held_out_kl_after": d.kl_after}
+        print(f"distillation: {d.steps} steps over {d.train_chunks} chunks; KL to the reference on the text's "
+              f"last {d.eval_chunks} chunks (held out) {d.kl_before:.5f} -> {d.kl_after:.5f}")
     if args.dry_run:
         print("dry run: nothing written")
     else:

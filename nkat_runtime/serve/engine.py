@@ -392,9 +392,10 @@ class Engine:
             self._last = job
             self.stats.busy = bool(self._running)
             self.stats.last_end = time.time()
+        # counted before the client hears "done": a scrape right after the response sees the job
+        self.observer.job_done(outcome.prompt_tokens, outcome.completion_tokens, job.aborted.is_set())
         if not job.failed:
             job.emit(GenerationEvent("done", outcome=outcome))
-        self.observer.job_done(outcome.prompt_tokens, outcome.completion_tokens, job.aborted.is_set())
         log.info("job %s: %d prompt + %d generated tokens, prefill %.2f s, decode %.2f s%s", job.id[:8],
                  outcome.prompt_tokens, outcome.completion_tokens, outcome.prefill_seconds, outcome.decode_seconds,
                  " (aborted)" if job.aborted.is_set() else "")

@@ -79,6 +79,8 @@ class ConvertOptions:
     calibration_chunks: int = DEFAULT_CHUNKS
     activation: str = DEFAULT_STAT  # calibration statistic: second-moment (QERA) or mean-abs (LQER)
     budget_bytes: int | None = None  # ranks per target chosen to fit this many θ bytes (theta/ranks.py)
+    distill_steps: int = 0  # > 0: the per-layer θ refined end to end against the reference's logits (distill.py)
+    distill_text: Path | None = None  # what it trains on (None: the calibration text)
     dry_run: bool = False
     progress: bool = True
 
@@ -103,6 +105,7 @@ class ConvertResult:
     activation_aware: bool
     targets: list[TargetResult] = field(default_factory=list)
     seconds: float = 0.0
+    distill: object | None = None  # distill.DistillReport when --distill-steps ran
 
     @property
     def bytes_added(self) -> int:
@@ -164,6 +167,10 @@ def check_paths(opts: ConvertOptions) -> None:
         raise ConvertError(f"unknown --activation-stats {opts.activation!r} ({' or '.join(STATS)})")
     if opts.calibration_chunks < 1:
         raise ConvertError("--calibration-chunks must be >= 1")
+    if opts.distill_steps < 0 or (opts.distill_steps and (opts.resolved_mode != "residual" or opts.gamma == 0)):
+        raise ConvertError("--distill-steps needs residual mode (--reference), a γ other than 0 and steps >= 0")
+    if opts.distill_text is not None and not opts.distill_text.is_file():
+        raise ConvertError(f"distillation text not found: {opts.distill_text}")
     if opts.target_size < 8:
         raise ConvertError("--target-size must be >= 8")
 
@@ -284,8 +291,10 @@ def theta_tensors(thetas: dict[str, tuple[ThetaFactors, float]]) -> dict[str, tu
 
 
 def write_nkat(src: GGUFFile, input_path: Path, output: Path, thetas: dict[str, tuple[ThetaFactors, float]],
-               mode: str, rank: int, gamma: float, reference: Path | None = None, progress: bool = True) -> None:
-    """Write ``src`` plus θ tensors and ``nkat.*`` keys to ``output`` (temp file, then rename)."""
+               mode: str, rank: int, gamma: float, reference: Path | None = None, progress: bool = True,
+               extra_uint: dict[str, int] | None = None) -> None:
+    """Write ``src`` plus θ tensors and ``nkat.*`` keys (``extra_uint``: more UINT32 ones) to
+    ``output`` (temp file, then rename)."""
     import gguf
 
     V = gguf.GGUFValueType
@@ -297,11 +306,28 @@ def write_nkat(src: GGUFFile, input_path: Path, output: Path, thetas: dict[str, 
         "nkat.theta.gamma": (float(gamma), V.FLOAT32, None),
         "nkat.theta.targets": (list(thetas), V.ARRAY, V.STRING),
     }
+    for key, value in (extra_uint or {}).items():
+        extra[key] = (int(value), V.UINT32, None)
     if reference is not None:
         extra["nkat.reference.sha256"] = (sha256_file(reference), V.STRING, None)
     # a .nkat given as input: its old θ and nkat keys are replaced
     write_derived_gguf(src, output, extra_kv=extra, add=theta_tensors(thetas),
                        drop=lambda n: ".theta_" in n or n.startswith("nkat."), progress=progress)
+
+
+def distilled(opts: ConvertOptions, thetas: dict[str, tuple[ThetaFactors, float]]):
+    """``thetas`` refined by :func:`.distill.distill` (each keeps the residual share it started
+    from), and the distillation's report."""
+    from .distill import DistillOptions, distill
+
+    path = opts.distill_text or opts.calibration or BUILTIN_CALIBRATION
+    try:
+        factors, report = distill(opts.input, opts.reference, {n: f for n, (f, _) in thetas.items()}, opts.gamma,
+                             path.read_text(encoding="utf-8"), DistillOptions(steps=opts.distill_steps),
+                             opts.progress)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    return {n: (factors[n], share) for n, (_, share) in thetas.items()}, report
 
 
 def convert(opts: ConvertOptions) -> ConvertResult:
@@ -319,12 +345,16 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     cal = load_calibration(opts.calibration, opts.calibration_chunks, opts.activation) if aware else None
     result = ConvertResult(output=None, mode=mode, activation_aware=aware)
     thetas = compute_theta(opts, src, targets, ref, cal)
+    extra = {}
+    if opts.distill_steps and not opts.dry_run:
+        thetas, result.distill = distilled(opts, thetas)
+        extra["nkat.theta.distill_steps"] = opts.distill_steps
     for name, (f, share) in thetas.items():
         nbytes = f.u.numel() + f.v.numel() + 4 * (f.u_scale.numel() + f.v_scale.numel())
         result.targets.append(TargetResult(name, src.tensors[name].shape, f.rank, share, nbytes))
     if not opts.dry_run:
         rank = opts.rank if not opts.optimize_rank else max(t.rank for t in result.targets)
-        write_nkat(src, opts.input, opts.output, thetas, mode, rank, opts.gamma, opts.reference, opts.progress)
+        write_nkat(src, opts.input, opts.output, thetas, mode, rank, opts.gamma, opts.reference, opts.progress, extra)
         result.output = opts.output
     result.seconds = time.perf_counter() - t0
     return result
