@@ -322,9 +322,12 @@ def distilled(opts: ConvertOptions, thetas: dict[str, tuple[ThetaFactors, float]
 
     path = opts.distill_text or opts.calibration or BUILTIN_CALIBRATION
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"distillation text {path} is not UTF-8: {e}") from None
+    try:
         factors, report = distill(opts.input, opts.reference, {n: f for n, (f, _) in thetas.items()}, opts.gamma,
-                             path.read_text(encoding="utf-8"), DistillOptions(steps=opts.distill_steps),
-                             opts.progress)
+                                  text, DistillOptions(steps=opts.distill_steps), opts.progress)
     except ValueError as e:
         raise ConvertError(str(e)) from None
     return {n: (factors[n], share) for n, (_, share) in thetas.items()}, report

@@ -75,7 +75,9 @@ def test_converter_distils_and_marks_the_file(tiny_model, tmp_path):
 
 def test_converter_refuses_distillation_without_reference(tiny_model, tmp_path):
     fine, coarse = _pair(tiny_model, tmp_path)
-    for kw in ({"reference": None, "mode": "moyal"}, {"distill_text": tmp_path / "missing.txt"}):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    for kw in ({"reference": None, "mode": "moyal"}, {"distill_text": tmp_path / "missing.txt"},
+               {"distill_text": tmp_path / "latin1.txt"}, {"distill_text": BUILTIN_CALIBRATION, "distill_steps": -1}):
         opts = dict(input=coarse, output=tmp_path / "x.nkat", rank=4, gamma=1.0, reference=fine, progress=False,
                     distill_steps=2)
         opts.update(kw)
