@@ -90,18 +90,15 @@ class _BlockRunner:
 
     def __init__(self, lm, batches: list[list[int]]) -> None:
         from nkat_runtime.model.kv_cache import BlockView
-        from nkat_runtime.model.layers import attention_mask
 
         self.model = lm.model
-        cfg = self.model.config
         self.hidden: list[torch.Tensor] = []
         self.context = []
         for chunk in batches:
             tokens = torch.tensor([chunk])
             pos = torch.arange(len(chunk))
             self.hidden.append(self.model.embed(tokens).float())
-            glob = attention_mask(pos, len(chunk))
-            local = attention_mask(pos, len(chunk), cfg.sliding_window) if any(cfg.swa_layers) else None
+            glob, local = self.model.masks(pos, len(chunk))
             view = BlockView([self.model.row_table(0)], pos, [len(chunk)], self.model.kv.block_size)
             self.context.append((pos, glob, local, view))
 

@@ -97,6 +97,15 @@ def leading_tokens(tokenizer, text: str, n: int, chars_per_token: int = 8) -> li
     return ids
 
 
+def eval_chunk(tokenizer, ids: Sequence[int], n_ctx: int, i: int) -> list[int]:
+    """Chunk ``i`` of ``n_ctx`` tokens of ``ids``, its first token replaced by BOS when the model
+    adds one (llama.cpp's rule: every chunk is evaluated from an empty cache)."""
+    chunk = list(ids[i * n_ctx : (i + 1) * n_ctx])
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+        chunk[0] = tokenizer.bos_id
+    return chunk
+
+
 def perplexity_of_tokens(
     lm: LoadedModel,
     ids: Sequence[int],
@@ -114,16 +123,12 @@ def perplexity_of_tokens(
     if available == 0:
         raise ValueError(f"the text has {len(ids)} tokens; at least {n_ctx} are needed for one chunk")
     chunks = available if n_chunks is None or n_chunks <= 0 else min(n_chunks, available)
-    add_bos = tok.add_bos and tok.bos_id is not None
     nll_sum = nll2_sum = 0.0
     count = 0
     running: list[float] = []
     t0 = time.perf_counter()
     for i in range(chunks):
-        chunk = list(ids[i * n_ctx : (i + 1) * n_ctx])
-        if add_bos:
-            chunk = [tok.bos_id] + chunk[1:]
-        nll = chunk_nll(lm, chunk)
+        nll = chunk_nll(lm, eval_chunk(tok, ids, n_ctx, i))
         nll_sum += float(nll.sum())
         nll2_sum += float((nll * nll).sum())
         count += nll.numel()

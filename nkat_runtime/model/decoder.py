@@ -269,8 +269,7 @@ class DecoderModel(nn.Module):
                                                       for b, n in enumerate(lengths)] if any(cfg.swa_layers) else None
         else:
             lengths = [kv_len] * tokens.shape[0]
-            mask_global = attention_mask(input_pos, kv_len)
-            mask_local = attention_mask(input_pos, kv_len, cfg.sliding_window) if any(cfg.swa_layers) else None
+            mask_global, mask_local = self.masks(input_pos, kv_len)
         view = BlockView(tables, input_pos, lengths, self.kv.block_size)
         if self._decode_step is not None and tokens.shape[1] == 1 and not hidden:
             return self._decode_step(x, input_pos, mask_global, mask_local, view)
@@ -280,6 +279,13 @@ class DecoderModel(nn.Module):
         elif logits_from:
             x = x[:, logits_from:]
         return self.output_norm(x) if hidden else self._logits(x)
+
+    def masks(self, pos: torch.Tensor, kv_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The global and the sliding-window mask (None without windowed layers) of queries at
+        ``pos`` over ``kv_len`` keys (:func:`.layers.attention_mask`)."""
+        cfg = self.config
+        local = attention_mask(pos, kv_len, cfg.sliding_window) if any(cfg.swa_layers) else None
+        return attention_mask(pos, kv_len), local
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The first block's input: token embeddings, scaled where the architecture scales them (Gemma)."""

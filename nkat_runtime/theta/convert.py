@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from .svd import (
     truncated_svd,
     unscaled,
 )
+
+if TYPE_CHECKING:
+    from .distill import DistillReport
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ class ConvertResult:
     activation_aware: bool
     targets: list[TargetResult] = field(default_factory=list)
     seconds: float = 0.0
-    distill: object | None = None  # distill.DistillReport when --distill-steps ran
+    distill: "DistillReport | None" = None  # when --distill-steps ran
 
     @property
     def bytes_added(self) -> int:

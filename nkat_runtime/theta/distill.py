@@ -88,14 +88,9 @@ def bypass_cache(model: nn.Module) -> None:
 def chunk_logits(model: nn.Module, tokens: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [T, V] of one chunk (tokens [1, T], positions 0..T-1), differentiably; ``at``: only
     those positions'. The model's caches must be bypassed (:func:`bypass_cache`)."""
-    from ..model.layers import attention_mask
-
-    cfg = model.config
     t = tokens.shape[1]
     pos = torch.arange(t)
-    glob = attention_mask(pos, t)
-    local = attention_mask(pos, t, cfg.sliding_window) if any(cfg.swa_layers) else None
-    x = model._layers(model.embed(tokens), pos, glob, local, None)[0]
+    x = model._layers(model.embed(tokens), pos, *model.masks(pos, t), None)[0]
     return model._logits(x if at is None else x[at])
 
 
@@ -107,13 +102,11 @@ def kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 
 
 def text_chunks(tokenizer, text: str, ctx: int) -> list[list[int]]:
-    """Every whole chunk of ``ctx`` tokens of ``text``, each starting with the text's first id
-    (BOS where the model adds one), as perplexity evaluates them."""
+    """Every whole chunk of ``ctx`` tokens of ``text``, as perplexity evaluates them."""
+    from ..eval.perplexity import eval_chunk
+
     ids = tokenizer.encode(text, add_special=True)
-    chunks = [ids[i : i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
-    for c in chunks:
-        c[0] = ids[0]
-    return chunks
+    return [eval_chunk(tokenizer, ids, ctx, i) for i in range(len(ids) // ctx)]
 
 
 def attach(model: nn.Module, thetas: dict[str, ThetaFactors], gamma: float) -> dict[str, TrainedTheta]:
