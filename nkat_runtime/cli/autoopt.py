@@ -4,7 +4,9 @@ decode speed; writes the history, the study summary, a plot and the best .nkat f
 Modes: quick (12 trials, 2 perplexity chunks), full (100 trials, 8 chunks), custom
 (--trials N). Trial 0 is the baseline (θ off), so the summary says whether θ beat it; with
 --reference, trials 1 and 2 are γ = 1 (residual θ's own) at ranks 8 and 32. The
-study lives in --storage (default: SQLite in --output-dir): rerun the same command to resume
+best θ is then trained end to end against the reference for --distill-steps chunks (default
+200 in quick and full mode with --reference) and written only if that lowered the trials'
+perplexity. The study lives in --storage (default: SQLite in --output-dir): rerun the same command to resume
 after a crash; point several workers at one PostgreSQL/MySQL URL to share a study. A worker
 that dies mid-trial is noticed by the others (--heartbeat) and its trial rerun.
 """
@@ -20,6 +22,7 @@ from ..theta.storage import GRACE_FACTOR, HEARTBEAT_S, MAX_RETRIES
 from . import common
 
 MODES = {"quick": (12, 2, 16), "full": (100, 8, 32)}  # trials, eval chunks, decode steps
+DISTILL_STEPS = 200  # quick and full mode's default with --reference (docs/theta-results.md §2g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-rank", type=int, default=None, help="fix θ's rank and search γ only")
     p.add_argument("--reference", default=None, help="a finer GGUF of the same model: residual θ")
     common.add_calibration_args(p)
+    p.add_argument("--distill-steps", type=int, default=None, metavar="N",
+                   help=f"with --reference: train the best trial's θ for N steps (one chunk of --ctx tokens each) "
+                        f"towards the reference's next-token distributions, and write it if it measures better "
+                        f"(default {DISTILL_STEPS} in quick and full mode, 0 in custom mode; 0: off)")
+    p.add_argument("--distill-text", default=None, metavar="FILE",
+                   help="UTF-8 text the distillation trains on (default: the calibration text); at least N + 2 "
+                        "chunks, or chunks repeat")
     p.add_argument("--eval-file", default=None, help="text for perplexity (default: a built-in Wikipedia excerpt)")
     p.add_argument("--eval-chunks", type=int, default=None, help="perplexity chunks of --ctx tokens per trial")
     p.add_argument("--ctx", type=int, default=512, help="perplexity chunk size (default 512)")
@@ -61,7 +71,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from ..bundled import resolve_model
     from ..loader import pick_device
     from ..theta.autoopt import SearchConfig, ThetaSearch
-    from ..theta.convert import sha256_file
+    from ..theta.convert import read_distill_text, sha256_file
     from ..theta.report import best_theta, finished_trials, mask_url, plot, write_json
     from ..theta.storage import storage_errors
     from ..theta.study import open_study, run_trials, stop_heartbeats
@@ -73,6 +83,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if (trials < 1 or (args.target_rank is not None and args.target_rank < 1) or args.heartbeat < 1
             or args.calibration_chunks < 1):
         raise ValueError("--trials, --target-rank, --heartbeat and --calibration-chunks must be >= 1")
+    distill_steps = args.distill_steps
+    if distill_steps is None:
+        distill_steps = DISTILL_STEPS if args.mode != "custom" and args.reference else 0
+    if distill_steps < 0 or (distill_steps and not args.reference):
+        raise ValueError("--distill-steps needs --reference (residual θ) and N >= 0")
+    distill_text = read_distill_text(args.distill_text, args.calibration) if distill_steps else None
     model = Path(resolve_model(args.model))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +118,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         study.set_user_attr("settings", settings)
 
         search = ThetaSearch(cfg)
+        if distill_text is not None:
+            search.check_distill_text(distill_text)
         interrupted = False
         try:
             run_trials(study, search, trials, progress=cfg.progress)
@@ -127,7 +145,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if theta is not None:
         rank, gamma = theta["params"]["rank"], theta["params"]["gamma"]
         stem = f"optimal_rank{rank}_gamma{gamma:.3f}"
-        search.write(out / f"{stem}.nkat", rank, gamma)
+        thetas, distilled = None, None
+        if distill_steps and not interrupted:
+            thetas, distilled, interrupted = _distil(search, theta, distill_text, distill_steps)
+        search.write(out / f"{stem}.nkat", rank, gamma, thetas, distill_steps if thetas else 0)
         better = base is None or theta["tpe"] > base["tpe"]
         write_json(out / f"{stem}.json", {
             "file": f"{stem}.nkat", "theta_rank": rank, "theta_gamma": gamma, "theta_mode": cfg.theta_mode,
@@ -136,13 +157,33 @@ def _main(argv: Sequence[str] | None = None) -> int:
             "reference": str(cfg.reference) if cfg.reference else None,
             "reference_sha256": sha256_file(cfg.reference) if cfg.reference else None,
             "eval_file": str(cfg.eval_file) if cfg.eval_file else "built-in", "eval_chunks": cfg.eval_chunks,
+            "distill": distilled,
         })
+        summary["distill"] = distilled
         summary["best_theta_file"] = f"{stem}.nkat"
     write_json(out / "optuna_study.json", summary)
     if rows:
         plot(rows, out / "optimization_results.png", f"{model.name}: θ {cfg.theta_mode}, {len(rows)} trials")
     _print_summary(base, theta, out)
     return 130 if interrupted else 0
+
+
+def _distil(search, theta: dict, text: str, steps: int) -> tuple[dict | None, dict | None, bool]:
+    """The best trial's θ distilled: (factors to write or None, what was measured, interrupted)."""
+    rank, gamma = theta["params"]["rank"], theta["params"]["gamma"]
+    try:
+        thetas, report, ppl = search.distilled(rank, gamma, text, steps)
+    except KeyboardInterrupt:
+        print("nkat-auto-optimizer: distillation interrupted; writing the best trial's θ as it was", file=sys.stderr)
+        return None, None, True
+    used = ppl < theta["perplexity"]
+    info = {"steps": steps, "train_chunks": report.train_chunks, "held_out_chunks": report.eval_chunks,
+            "held_out_kl_before": report.kl_before, "held_out_kl_after": report.kl_after,
+            "perplexity": ppl, "perplexity_before": theta["perplexity"], "written": used}
+    print(f"distilled θ ({steps} steps over {report.train_chunks} chunks, held-out KL {report.kl_before:.5f} -> "
+          f"{report.kl_after:.5f}): perplexity {ppl:.4f} against {theta['perplexity']:.4f} before — "
+          + ("writing the distilled θ" if used else "NOT better: writing the best trial's θ as it was"))
+    return (thetas if used else None), info, False
 
 
 def _print_summary(base: dict | None, theta: dict | None, out: Path) -> None:

@@ -13,6 +13,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from .convert import (
     write_nkat,
 )
 from .factors import ThetaFactors
+
+if TYPE_CHECKING:
+    from .distill import DistillReport
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +145,34 @@ class ThetaSearch:
         return TrialResult(rank, gamma, ppl, tps, base_tps, overhead, tpe_score(ppl, overhead),
                            time.perf_counter() - t0)
 
-    def write(self, output: Path, rank: int, gamma: float) -> None:
-        """The .nkat file of (rank, γ), from the same SVDs the trials used."""
-        write_nkat(self.src, self.cfg.model, output, self.factors(rank), self.cfg.theta_mode, rank, gamma,
-                   self.cfg.reference, self.cfg.progress)
+    def distilled(self, rank: int, gamma: float, text: str, steps: int) -> tuple[dict, "DistillReport", float]:
+        """θ of (rank, γ) trained end to end against the reference (:mod:`.distill`) for ``steps``
+        chunks of ``text``: the factors (each with the energy share it started from), the
+        distillation's report, and the perplexity they measure on the trials' chunks."""
+        from .distill import DistillOptions, distill
+
+        start = self.factors(rank)
+        new, report = distill(self.cfg.model, self.cfg.reference, {n: f for n, (f, _) in start.items()}, gamma,
+                              text, DistillOptions(steps=steps, ctx=self.cfg.ctx), self.cfg.progress)
+        for name, f in new.items():
+            self.lm.model.replace_linear(name, ThetaLinear(self.bases[name], f, gamma, torch.float32))
+        self._rank = -1  # not the SVD's θ any more: apply() reinstalls
+        ppl = perplexity_of_tokens(self.lm, self.eval_ids, self.cfg.ctx, self.cfg.eval_chunks).ppl
+        return {n: (new[n], share) for n, (_, share) in start.items()}, report, ppl
+
+    def write(self, output: Path, rank: int, gamma: float, thetas: dict | None = None,
+              distill_steps: int = 0) -> None:
+        """The .nkat file of (rank, γ), from the same SVDs the trials used (or ``thetas``, distilled)."""
+        extra = {"nkat.theta.distill_steps": distill_steps} if distill_steps else None
+        write_nkat(self.src, self.cfg.model, output, thetas or self.factors(rank), self.cfg.theta_mode, rank, gamma,
+                   self.cfg.reference, self.cfg.progress, extra)
+
+    def check_distill_text(self, text: str) -> None:
+        """Before any trial: enough whole chunks of ``text`` for the distillation."""
+        from .distill import DistillOptions, text_chunks
+
+        need = DistillOptions().eval_chunks + 1
+        have = len(text_chunks(self.lm.tokenizer, text, self.cfg.ctx))
+        if have < need:
+            raise NKATError(f"the distillation text gives {have} chunks of {self.cfg.ctx} tokens; at least {need} "
+                            f"are needed")

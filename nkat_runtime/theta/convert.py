@@ -318,16 +318,22 @@ def write_nkat(src: GGUFFile, input_path: Path, output: Path, thetas: dict[str, 
                        drop=lambda n: ".theta_" in n or n.startswith("nkat."), progress=progress)
 
 
-def distilled(opts: ConvertOptions, thetas: dict[str, tuple[ThetaFactors, float]]):
-    """``thetas`` refined by :func:`.distill.distill` (each keeps the residual share it started
-    from), and the distillation's report."""
-    from .distill import DistillOptions, distill
-
-    path = opts.distill_text or opts.calibration or BUILTIN_CALIBRATION
+def read_distill_text(path: Path | None, calibration: Path | None) -> str:
+    """The distillation's text: ``path``, else the calibration text, else the built-in one."""
+    path = Path(path or calibration or BUILTIN_CALIBRATION)
+    if not path.is_file():
+        raise ConvertError(f"distillation text not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConvertError(f"distillation text {path} is not UTF-8: {e}") from None
+
+
+def distilled(opts: ConvertOptions, thetas: dict[str, tuple[ThetaFactors, float]], text: str):
+    """``thetas`` refined by :func:`.distill.distill` on ``text`` (each keeps the residual share it
+    started from), and the distillation's report."""
+    from .distill import DistillOptions, distill
+
     try:
         factors, report = distill(opts.input, opts.reference, {n: f for n, (f, _) in thetas.items()}, opts.gamma,
                                   text, DistillOptions(steps=opts.distill_steps), opts.progress)
@@ -348,12 +354,13 @@ def convert(opts: ConvertOptions) -> ConvertResult:
             raise ConvertError(f"reference architecture {ref.architecture} differs from {src.architecture}")
         check_reference(src, ref)
     aware = mode == "residual" and opts.use_calibration
+    text = read_distill_text(opts.distill_text, opts.calibration) if opts.distill_steps and not opts.dry_run else ""
     cal = load_calibration(opts.calibration, opts.calibration_chunks, opts.activation) if aware else None
     result = ConvertResult(output=None, mode=mode, activation_aware=aware)
     thetas = compute_theta(opts, src, targets, ref, cal)
     extra = {}
     if opts.distill_steps and not opts.dry_run:
-        thetas, result.distill = distilled(opts, thetas)
+        thetas, result.distill = distilled(opts, thetas, text)
         extra["nkat.theta.distill_steps"] = opts.distill_steps
     for name, (f, share) in thetas.items():
         nbytes = f.u.numel() + f.v.numel() + 4 * (f.u_scale.numel() + f.v_scale.numel())

@@ -87,6 +87,51 @@ def test_residual_study_tries_gamma_one_first(tiny_model, tmp_path):
     assert not any(t["baseline"] for t in trials[1:])
 
 
+def test_distilled_best_theta_is_written_only_if_it_measures_better(tiny_model, tmp_path, capsys):
+    """--distill-steps: the best trial's θ trained end to end; the file holds the distilled factors
+    exactly when they scored lower on the trials' chunks, and its perplexity is the one recorded."""
+    from nkat_runtime.eval.perplexity import perplexity_of_tokens
+    from nkat_runtime.gguf.requantize import requantize
+    from nkat_runtime.theta.convert import BUILTIN_EVAL
+
+    fine = tiny_model("llama", seed=3)
+    coarse = tmp_path / "coarse.gguf"
+    requantize(fine, coarse, "Q4_0", progress=False)
+    out = tmp_path / "out"
+    assert _run(coarse, out, "--trials", "2", "--reference", str(fine), "--distill-steps", "6") == 0
+    printed = capsys.readouterr().out
+    study = json.loads((out / "optuna_study.json").read_text())
+    d = study["distill"]
+    assert d["steps"] == 6 and d["train_chunks"] >= 1 and d["held_out_chunks"] == 2
+    assert d["held_out_kl_after"] != d["held_out_kl_before"]  # the factors moved
+    assert d["perplexity_before"] == study["best_theta_trial"]["perplexity"]
+    assert d["written"] == (d["perplexity"] < d["perplexity_before"])
+    assert "distilled θ (6 steps" in printed
+    g = open_gguf(out / study["best_theta_file"])
+    assert g.get("nkat.theta.distill_steps") == (6 if d["written"] else None)
+    lm = load_model(out / study["best_theta_file"], context=64, progress=False)
+    ids = lm.tokenizer.encode(BUILTIN_EVAL.read_text(encoding="utf-8"), add_special=True)
+    got = perplexity_of_tokens(lm, ids, 64, 2).ppl
+    assert got == pytest.approx(d["perplexity"] if d["written"] else d["perplexity_before"], rel=1e-4)
+
+
+def test_distillation_arguments_are_checked_before_any_trial(tiny_model, tmp_path, capsys):
+    model = tiny_model("llama")
+    assert _run(model, tmp_path / "a", "--trials", "2", "--distill-steps", "5") == 2
+    assert "--distill-steps needs --reference" in capsys.readouterr().err
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café ".encode("latin-1") * 50)
+    assert _run(model, tmp_path / "b", "--trials", "2", "--reference", str(model), "--distill-steps", "5",
+                "--distill-text", str(bad)) == 2
+    assert "is not UTF-8" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("One short line.", encoding="utf-8")
+    assert _run(model, tmp_path / "c", "--trials", "2", "--reference", str(model), "--distill-steps", "5",
+                "--distill-text", str(short)) == 2
+    assert "chunks of 64 tokens; at least 3 are needed" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "optimization_history.json").exists()  # no trial ran
+
+
 def test_a_study_from_before_second_moment_resumes_only_as_mean_abs(tiny_model, tmp_path, capsys):
     """A residual study made when mean-abs was the default (its settings lack the statistic) is not
     continued with the second-moment θ: that would mix two objectives in one study."""
